@@ -1,0 +1,37 @@
+"""Where things are: the folder nnUNet_extTrainer must point at, and nnU-Net's path variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nnunet_mbls
+
+TRAINERS_MODULE_FILE = "nnunet_mbls_trainers.py"
+
+
+def ext_trainer_folder() -> Path:
+    """The folder holding the one-line re-export of our trainers.
+
+    A wheel install ships it as ``nnunet_mbls/ext_trainers``; a source checkout (editable install)
+    has it as the top-level ``trainers/`` folder next to the package.
+    """
+    package = Path(nnunet_mbls.__file__).resolve().parent
+    for candidate in (package / "ext_trainers", package.parent / "trainers"):
+        if (candidate / TRAINERS_MODULE_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{TRAINERS_MODULE_FILE} was found neither in {package / 'ext_trainers'} nor in {package.parent / 'trainers'}; "
+        f"reinstall nnunet-mbls (pip install nnunet-mbls, or pip install -e . from the repository)"
+    )
+
+
+def env_with_ext_trainers(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default: os.environ) whose nnUNet_extTrainer includes our trainer folder."""
+    env = dict(os.environ if env is None else env)
+    folder = str(ext_trainer_folder())
+    existing = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if folder not in existing:
+        existing.append(folder)
+    env["nnUNet_extTrainer"] = os.pathsep.join(existing)
+    return env

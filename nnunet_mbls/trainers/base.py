@@ -1,0 +1,133 @@
+"""The shared base of every nnunet-mbls trainer.
+
+A trainer subclass only names its loss (``loss_name``, a key of :data:`nnunet_mbls.losses.LOSSES`)
+and its hyper-parameters (``loss_kwargs``). This base builds the loss with nnU-Net's ignore label
+and deep-supervision weights, refuses region-based datasets, logs the loss, monitors the
+foreground ECE of the validation batches every epoch, and runs the calibration step (temperature
+scaling folded into ``checkpoint_final_calibrated.pth``) after nnU-Net's final validation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from torch import distributed as dist
+
+from ..losses import LOSSES, build_loss
+from ..losses.registry import USES_NNUNET_DICE
+from .online_ece import ONLINE_ECE_KEY, OnlineECE, add_online_ece_to_logger
+
+
+def deep_supervision_weights(num_scales: int, is_ddp: bool, compiled: bool) -> np.ndarray:
+    """nnU-Net's weights: 1/2^i per scale, the lowest scale 0 (1e-6 under DDP without compile), normalised."""
+    weights = np.array([1 / (2**i) for i in range(num_scales)])
+    weights[-1] = 1e-6 if is_ddp and not compiled else 0
+    return weights / weights.sum()
+
+
+class RegionBasedDatasetError(ValueError):
+    """A softmax loss was asked to train a region-based (overlapping sigmoid outputs) dataset."""
+
+
+class nnUNetTrainerCalibrated(nnUNetTrainer):
+    """Base class; subclasses set ``loss_name`` and ``loss_kwargs`` and nothing else."""
+
+    loss_name: str = "mbls"
+    loss_kwargs: dict[str, Any] = {}
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise RegionBasedDatasetError(
+                f"{self.__class__.__name__} trains with a softmax loss ({self.loss_name}), but this dataset's "
+                f"dataset.json declares region-based labels (overlapping regions trained with sigmoid outputs), "
+                f"which a softmax loss cannot serve. Use stock nnUNetTrainer (Dice + BCE for regions), or "
+                f"rewrite the labels as mutually exclusive integer labels to use {self.__class__.__name__}."
+            )
+        self.online_ece = OnlineECE(num_classes=self.label_manager.num_segmentation_heads)
+        add_online_ece_to_logger(self.logger)
+
+    def build_plain_loss(self) -> torch.nn.Module:
+        """The loss for one (logits, target) pair, before deep supervision."""
+        kwargs = dict(self.loss_kwargs, ignore_label=self.label_manager.ignore_label)
+        if self.loss_name in USES_NNUNET_DICE:
+            kwargs.update(batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp)
+        return build_loss(self.loss_name, **kwargs)
+
+    def _build_loss(self):
+        loss = self.build_plain_loss()
+        self.print_to_log_file(
+            f"nnunet-mbls loss: {LOSSES[self.loss_name].__name__} ({self.loss_name}) {loss.hyper_parameters}, "
+            f"ignore_label={self.label_manager.ignore_label}, deep supervision={self.enable_deep_supervision}"
+        )
+        if self.enable_deep_supervision:
+            weights = deep_supervision_weights(
+                len(self._get_deep_supervision_scales()), self.is_ddp, self._do_i_compile()
+            )
+            loss = DeepSupervisionWrapper(loss, weights)
+        return loss
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if not math.isfinite(float(result["loss"])):
+            raise FloatingPointError(
+                f"{self.__class__.__name__}: the training loss became {float(result['loss'])} at epoch "
+                f"{self.current_epoch}; the network diverged (NaN/Inf logits). Lower the learning rate or "
+                f"check the input data for NaN/Inf; checkpoint_latest.pth holds the last finite state."
+            )
+        return result
+
+    def validation_step(self, batch: dict) -> dict:
+        # nnU-Net's validation_step keeps the network output to itself; we see it when it reaches the loss
+        loss, captured = self.loss, {}
+
+        def loss_and_capture(output, target):
+            highest = (output[0], target[0]) if self.enable_deep_supervision else (output, target)
+            captured["state"] = self.online_ece.batch_state(*highest, ignore_label=self.label_manager.ignore_label)
+            return loss(output, target)
+
+        self.loss = loss_and_capture
+        try:
+            result = super().validation_step(batch)
+        finally:
+            self.loss = loss
+        result[ONLINE_ECE_KEY] = captured["state"]
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        states = collate_outputs(val_outputs)[ONLINE_ECE_KEY].sum(0)
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            states = np.sum(gathered, axis=0)
+        for output in val_outputs:
+            output.pop(ONLINE_ECE_KEY)
+        super().on_validation_epoch_end(val_outputs)
+        self.logger.log(ONLINE_ECE_KEY, self.online_ece.ece_from_state(states), self.current_epoch)
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        self.print_to_log_file("Foreground ECE (validation batches)", np.round(self.logger.get_value(ONLINE_ECE_KEY, step=-1), 4))
+        if self.local_rank == 0:
+            self.online_ece.plot(self.logger, self.output_folder)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        # probabilities are needed by the calibration step, so they are always saved
+        super().perform_actual_validation(save_probabilities=True)
+        if self.local_rank == 0:
+            from ..calibration.fold import calibrate_output_folder
+
+            calibrate_output_folder(self.output_folder, log=self.print_to_log_file)
