@@ -128,6 +128,6 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         # probabilities are needed by the calibration step, so they are always saved
         super().perform_actual_validation(save_probabilities=True)
         if self.local_rank == 0:
-            from ..calibration.fold import calibrate_output_folder
+            from ..calibrate import calibrate_output_folder
 
             calibrate_output_folder(self.output_folder, log=self.print_to_log_file)

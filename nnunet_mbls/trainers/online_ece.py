@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..calibration.metrics import CalibrationAccumulator
 from ..io import atomic_write
+from ..plotting import default_style
 
 ONLINE_ECE_KEY = "val_fg_ece"
 
@@ -76,14 +77,15 @@ class OnlineECE:
 
         ece = logger.get_value(ONLINE_ECE_KEY, step=None)
         dice = logger.get_value("ema_fg_dice", step=None)[: len(ece)]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.plot(range(len(dice)), dice, color="g", label="pseudo Dice (mov. avg.)")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("pseudo Dice")
-        ax2 = ax.twinx()
-        ax2.plot(range(len(ece)), ece, color="m", label="foreground ECE (val. batches)")
-        ax2.set_ylabel("foreground ECE")
-        fig.legend(loc="upper center", ncol=2)
-        fig.tight_layout(rect=(0, 0, 1, 0.92))
-        atomic_write(os.path.join(output_folder, "progress_calibration.png"), lambda tmp: fig.savefig(tmp, format="png"))
-        plt.close(fig)
+        with default_style():
+            fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+            ax.plot(range(len(dice)), dice, color="g", marker=".", label="pseudo Dice (mov. avg.)")
+            ax.set_ylabel("pseudo Dice")
+            ax.legend(loc="lower right")
+            ax2.plot(range(len(ece)), ece, color="m", marker=".", label="foreground ECE (validation batches)")
+            ax2.set_ylabel("foreground ECE")
+            ax2.set_xlabel("epoch")
+            ax2.legend(loc="upper right")
+            fig.tight_layout()
+            atomic_write(os.path.join(output_folder, "progress_calibration.png"), lambda tmp: fig.savefig(tmp, format="png"))
+            plt.close(fig)

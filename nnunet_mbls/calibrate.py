@@ -1,0 +1,169 @@
+"""The calibration step of a trained nnU-Net fold: metrics before/after temperature scaling, the
+fitted temperature, and ``checkpoint_final_calibrated.pth`` with T folded into the head.
+
+Outputs in the fold folder (never inside ``validation/``, whose files nnU-Net's evaluation and
+ensembling glob):
+
+- ``calibration.json``: T, the fit's voxel subsample, mean/pooled metrics before and after;
+- ``calibration/``: full per-case evaluations (``evaluation_before.json``, ``evaluation_after.json``)
+  and ``reliability.png`` (before vs after);
+- ``checkpoint_final_calibrated.pth``: a copy of ``checkpoint_final.pth`` whose segmentation head
+  outputs logits / T. ``checkpoint_final.pth`` is never modified.
+
+The temperature is fitted on a bounded, seeded, uniform subsample (``max_voxels``, default 10^6) of
+the voxels inside nnU-Net's crop box of every validation case (ignore label excluded), so the fit
+costs the same on a 2D toy fold and on a 3D CT fold.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .calibration.reliability import plot_reliability
+from .calibration.temperature import VoxelSubsampler, fit_temperature, fold_temperature_into_checkpoint
+from .evaluation import evaluate_folder
+from .io import atomic_write_json
+
+DEFAULT_MAX_VOXELS = 1_000_000
+#: the fitted T is clipped to this range (a fold where every voxel is right drives T to the lower bound)
+T_BOUNDS = (0.05, 20.0)
+CALIBRATED_CHECKPOINT = "checkpoint_final_calibrated.pth"
+
+
+class CalibrationStepError(RuntimeError):
+    """The calibration step cannot run; the message says what to run first."""
+
+
+def gt_folder_for(output_folder: Path) -> Path:
+    """nnUNet_preprocessed/<dataset>/gt_segmentations for a fold folder <results>/<dataset>/<trainer>/fold_k."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    if not nnUNet_preprocessed:
+        raise CalibrationStepError("nnUNet_preprocessed is not set; export it as for nnUNetv2_train")
+    gt = Path(nnUNet_preprocessed) / output_folder.resolve().parent.parent.name / "gt_segmentations"
+    if not gt.is_dir():
+        raise CalibrationStepError(f"reference segmentations {gt} are missing; run nnUNetv2_plan_and_preprocess first")
+    return gt
+
+
+def metric_summary(evaluation: dict) -> dict:
+    """The part of an evaluation that calibration.json keeps: means over cases and pooled values."""
+    return {"mean": evaluation["mean"], "pooled": evaluation["pooled"]}
+
+
+def calibrate_output_folder(
+    output_folder: str | os.PathLike,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    seed: int = 0,
+    region: str = "fg",
+    log: Callable[..., None] = print,
+    progress: bool = True,
+) -> dict:
+    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files."""
+    folder = Path(output_folder)
+    validation = folder / "validation"
+    if not validation.is_dir() or not any(validation.glob("*.npz")):
+        raise CalibrationStepError(
+            f"{validation} has no .npz probabilities; run nnUNetv2_train ... --val --npz (or nnunet-mbls calibrate, "
+            f"which does it for you)"
+        )
+    import json
+
+    dataset_json = json.loads((folder.parent / "dataset.json").read_text())
+    gt = gt_folder_for(folder)
+    subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
+    before = evaluate_folder(
+        gt, validation, dataset_json, region=region, progress=progress,
+        on_case=lambda case, probs, ref, mask: subsample.add(torch.from_numpy(probs), torch.from_numpy(ref), torch.from_numpy(mask)),
+    )
+    log_probs, target = subsample.arrays()
+    temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
+    after = evaluate_folder(gt, validation, dataset_json, region=region, temperature=temperature, progress=progress)
+
+    details = folder / "calibration"
+    atomic_write_json(details / "evaluation_before.json", before)
+    atomic_write_json(details / "evaluation_after.json", after)
+    plot_reliability(
+        {
+            f"before (ECE {before['mean']['ece']:.4f})": before["reliability"],
+            f"after T={temperature:.3f} (ECE {after['mean']['ece']:.4f})": after["reliability"],
+        },
+        details / "reliability.png",
+        title=f"{folder.parent.name} {folder.name}: {region} voxels, pooled",
+    )
+    checkpoint = folder / "checkpoint_final.pth"
+    calibrated = None
+    if checkpoint.is_file():
+        fold_temperature_into_checkpoint(checkpoint, folder / CALIBRATED_CHECKPOINT, temperature, overwrite=True)
+        calibrated = CALIBRATED_CHECKPOINT
+    else:
+        log(f"nnunet-mbls: {checkpoint} not found (checkpointing disabled?); no calibrated checkpoint written")
+    summary = {
+        "temperature": temperature,
+        "temperature_bounds": list(T_BOUNDS),
+        "fit": {
+            "objective": "mean NLL of softmax(log p / T)",
+            "voxels": "uniform subsample of the voxels inside nnU-Net's crop box of every validation case, ignore label excluded",
+            "subsample_size": int(target.numel()),
+            "max_voxels": max_voxels,
+            "seed": seed,
+        },
+        "metric_region": region,
+        "num_cases": before["num_cases"],
+        "before": metric_summary(before),
+        "after": metric_summary(after),
+        "calibrated_checkpoint": calibrated,
+        "nnunet_mbls_version": __version__,
+    }
+    atomic_write_json(folder / "calibration.json", summary)
+    log(
+        f"nnunet-mbls calibration: T = {temperature:.4f}; {region} ECE {before['mean']['ece']:.4f} -> "
+        f"{after['mean']['ece']:.4f}, NLL {before['mean']['nll']:.4f} -> {after['mean']['nll']:.4f}"
+        + (f"; wrote {calibrated}" if calibrated else "")
+    )
+    return summary
+
+
+def calibrate_trained_model(
+    dataset: str,
+    configuration: str,
+    fold: int | str,
+    trainer: str,
+    plans: str = "nnUNetPlans",
+    device: str = "cuda",
+    **kwargs,
+) -> dict:
+    """``nnunet-mbls calibrate``: the calibration step for any trained model, stock nnUNetTrainer included.
+
+    Runs nnU-Net's own final validation with probabilities first when ``validation/`` has no ``.npz``.
+    """
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    folder = Path(get_output_folder(dataset, trainer, plans, configuration, fold))
+    if not (folder / "checkpoint_final.pth").is_file():
+        raise CalibrationStepError(
+            f"{folder / 'checkpoint_final.pth'} does not exist: train first with "
+            f"nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans} --npz"
+        )
+    if not any((folder / "validation").glob("*.npz")):
+        run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device)
+    return calibrate_output_folder(folder, **kwargs)
+
+
+def run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device) -> None:
+    """nnU-Net's final validation (as ``nnUNetv2_train ... --val --npz``), in this process."""
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from .paths import env_with_ext_trainers
+
+    os.environ["nnUNet_extTrainer"] = env_with_ext_trainers()["nnUNet_extTrainer"]
+    instance = get_trainer_from_args(str(dataset), configuration, int(fold) if fold != "all" else fold, trainer, plans, device=torch.device(device))
+    maybe_load_checkpoint(instance, continue_training=False, validation_only=True)
+    # the stock method: our trainers' own override would run the calibration step a second time
+    nnUNetTrainer.perform_actual_validation(instance, save_probabilities=True)

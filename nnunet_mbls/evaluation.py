@@ -1,0 +1,268 @@
+"""Folder evaluation: calibration and segmentation metrics of nnU-Net probability files.
+
+Input: a folder of nnU-Net ``.npz`` files (``probabilities`` (C, *spatial) float32, written by
+``nnUNetv2_train --npz`` or ``nnUNetv2_predict --save_probabilities``) with their ``.pkl``
+properties, and a folder of reference segmentations. Cases are streamed one at a time, so memory
+holds one case plus fixed-size metric sums whatever the number of cases.
+
+Aggregation: ``mean`` is per case, then the mean over cases (the paper's); ``pooled`` sums all
+selected voxels of all cases into one accumulator. Dice uses nnU-Net's own tp/fp/fn code; HD95
+(mm, image spacing) uses MONAI. A structure that is empty in the reference or in the prediction
+gets NaN for that case and is counted under ``empty_reference`` / ``empty_prediction``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .calibration.metrics import METRIC_KEYS, CalibrationAccumulator, aggregate
+from .calibration.regions import region_mask
+from .calibration.temperature import apply_temperature
+
+REGIONS = ("fg", "all", "boundary")
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+class EvaluationError(ValueError):
+    """A case cannot be evaluated; the message names the case and the problem."""
+
+
+@dataclass
+class LabelInfo:
+    """Labels of a dataset: class count (softmax channels), foreground labels, ignore label."""
+
+    num_classes: int
+    ignore_label: int | None
+    names: dict[int, str]
+
+    @classmethod
+    def from_dataset_json(cls, dataset_json: dict) -> "LabelInfo":
+        labels = dataset_json["labels"]
+        if any(not isinstance(v, int) for v in labels.values()):
+            raise EvaluationError(
+                "dataset.json declares region-based labels; calibration metrics need mutually exclusive integer labels"
+            )
+        ignore = labels.get("ignore")
+        names = {v: k for k, v in labels.items() if k != "ignore"}
+        return cls(num_classes=len(names), ignore_label=ignore, names=names)
+
+
+def find_dataset_json(pred_folder: Path, ref_folder: Path) -> Path | None:
+    """dataset.json next to the predictions (nnUNetv2_predict, trainer folders) or the references."""
+    for candidate in (
+        pred_folder / "dataset.json",
+        pred_folder.parent / "dataset.json",
+        pred_folder.parent.parent / "dataset.json",
+        ref_folder.parent / "dataset.json",
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def reader_for(dataset_json: dict, example_file: Path):
+    """nnU-Net's image reader for the reference files (dataset.json's reader override, else by file ending)."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    dataset_json = dict(dataset_json, file_ending=reference_ending(example_file))
+    return determine_reader_writer_from_dataset_json(dataset_json, str(example_file), verbose=False)()
+
+
+def reference_ending(path: Path) -> str:
+    name = path.name
+    for ending in (".nii.gz", ".nrrd", ".mha", ".nii", ".png", ".tif", ".tiff", ".npz"):
+        if name.endswith(ending):
+            return ending
+    return path.suffix
+
+
+def match_cases(ref_folder: Path, pred_folder: Path) -> dict[str, tuple[Path, Path]]:
+    """case id -> (reference file, npz file); errors name missing and extra cases."""
+    if not pred_folder.is_dir():
+        raise EvaluationError(f"prediction folder {pred_folder} does not exist")
+    if not ref_folder.is_dir():
+        raise EvaluationError(f"reference folder {ref_folder} does not exist")
+    preds = {p.name[: -len(".npz")]: p for p in sorted(pred_folder.glob("*.npz"))}
+    if not preds:
+        raise EvaluationError(
+            f"no .npz probability files in {pred_folder}: run nnUNetv2_train ... --npz (or --val --npz) or "
+            f"nnUNetv2_predict ... --save_probabilities first"
+        )
+    refs = {}
+    for r in sorted(ref_folder.iterdir()):
+        if r.is_file() and not r.name.startswith(".") and not r.name.endswith((".json", ".pkl")):
+            refs[r.name[: -len(reference_ending(r))]] = r
+    missing = sorted(set(preds) - set(refs))
+    if missing:
+        raise EvaluationError(f"cases {missing} have probabilities in {pred_folder} but no reference in {ref_folder}")
+    return {case: (refs[case], preds[case]) for case in preds}
+
+
+def load_probabilities(case: str, npz_file: Path) -> tuple[np.ndarray, dict]:
+    """(C, *spatial) float32 probabilities and the nnU-Net properties (empty dict without a .pkl)."""
+    try:
+        with np.load(npz_file) as data:
+            if "probabilities" not in data:
+                raise EvaluationError(f"case {case}: {npz_file} has no 'probabilities' array (keys {list(data)})")
+            probs = data["probabilities"].astype(np.float32, copy=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        if isinstance(e, EvaluationError):
+            raise
+        raise EvaluationError(f"case {case}: cannot read {npz_file} ({e}); the file is corrupt or not an npz") from e
+    properties = {}
+    pkl = npz_file.with_suffix(".pkl")
+    if pkl.is_file():
+        with open(pkl, "rb") as f:
+            properties = pickle.load(f)
+    return probs, properties
+
+
+def check_case(case: str, probs: np.ndarray, ref: np.ndarray, labels: LabelInfo) -> None:
+    if probs.shape[1:] != ref.shape:
+        raise EvaluationError(
+            f"case {case}: probabilities have spatial shape {probs.shape[1:]} but the reference has {ref.shape}"
+        )
+    if probs.shape[0] != labels.num_classes:
+        raise EvaluationError(
+            f"case {case}: probabilities have {probs.shape[0]} channels but dataset.json has {labels.num_classes} labels"
+        )
+    if not np.isfinite(probs).all():
+        raise EvaluationError(f"case {case}: probabilities contain NaN or Inf")
+    sums = probs.sum(0)
+    worst = float(np.abs(sums - 1).max())
+    if worst > PROBABILITY_SUM_TOLERANCE:
+        raise EvaluationError(
+            f"case {case}: probabilities do not sum to 1 over classes (largest deviation {worst:.3g}); "
+            f"pass softmax probabilities, not logits or sigmoid outputs"
+        )
+    allowed = set(labels.names) | ({labels.ignore_label} if labels.ignore_label is not None else set())
+    present = set(np.unique(ref).tolist())
+    if not present <= allowed:
+        raise EvaluationError(
+            f"case {case}: reference contains labels {sorted(present - allowed)} that dataset.json does not declare "
+            f"(declared: {sorted(allowed)})"
+        )
+
+
+def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, labels: LabelInfo, spacing) -> dict:
+    """Per-class Dice (nnU-Net's tp/fp/fn) and HD95 in mm (MONAI); NaN where a side is empty."""
+    from monai.metrics import compute_hausdorff_distance
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    ignore = ref == labels.ignore_label if labels.ignore_label is not None else None
+    dice, hd95, empty_ref, empty_pred = {}, {}, [], []
+    for label, name in labels.names.items():
+        if label == 0:
+            continue
+        mask_ref, mask_pred = ref == label, pred == label
+        if ignore is not None:
+            mask_pred = mask_pred & ~ignore
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(mask_ref, mask_pred, ignore)
+        dice[name] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else float("nan")
+        if not mask_ref.any():
+            empty_ref.append(name)
+        if not mask_pred.any():
+            empty_pred.append(name)
+        if mask_ref.any() and mask_pred.any():
+            with warnings.catch_warnings():  # MONAI warns about its own internal use of a deprecated argument
+                warnings.simplefilter("ignore", FutureWarning)
+                value = compute_hausdorff_distance(
+                    torch.from_numpy(mask_pred)[None, None], torch.from_numpy(mask_ref)[None, None],
+                    include_background=True, percentile=95, spacing=[float(s) for s in spacing],
+                )
+            hd95[name] = float(value.item())
+        else:
+            hd95[name] = float("nan")
+    return {"dice": dice, "hd95": hd95, "empty_reference": empty_ref, "empty_prediction": empty_pred}
+
+
+def evaluate_folder(
+    ref_folder: str | os.PathLike,
+    pred_folder: str | os.PathLike,
+    dataset_json: dict | None = None,
+    region: str = "fg",
+    temperature: float | None = None,
+    n_bins: int = 15,
+    boundary_width: int = 2,
+    progress: bool = True,
+    on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+) -> dict:
+    """Evaluate every ``.npz`` in ``pred_folder`` against ``ref_folder``; see the module docstring.
+
+    ``temperature``: apply normalize(p ** (1/T)) before every metric. ``on_case(case, probs, ref,
+    mask_all)`` is called for each case (used to collect a temperature-fit subsample in the same pass).
+    Returns ``{"per_case": {...}, "mean": {...}, "pooled": {...}, "reliability": {...}, ...}``.
+    """
+    if region not in REGIONS:
+        raise ValueError(f"region={region!r} is invalid: choose one of {REGIONS}")
+    ref_folder, pred_folder = Path(ref_folder), Path(pred_folder)
+    cases = match_cases(ref_folder, pred_folder)
+    if dataset_json is None:
+        found = find_dataset_json(pred_folder, ref_folder)
+        if found is None:
+            raise EvaluationError(
+                f"no dataset.json found next to {pred_folder} or {ref_folder}; pass it with -djfile"
+            )
+        import json
+
+        dataset_json = json.loads(found.read_text())
+    labels = LabelInfo.from_dataset_json(dataset_json)
+    reader = reader_for(dataset_json, next(iter(cases.values()))[0])
+    pooled = CalibrationAccumulator(labels.num_classes, n_bins)
+    per_case: dict[str, dict] = {}
+    for case, (ref_file, npz_file) in tqdm(cases.items(), desc=f"evaluating ({region})", disable=not progress):
+        probs, properties = load_probabilities(case, npz_file)
+        seg, seg_properties = reader.read_seg(str(ref_file))
+        ref = seg[0].astype(np.int64)
+        check_case(case, probs, ref, labels)
+        if temperature is not None:
+            probs = apply_temperature(probs, temperature)
+        mask = region_mask(ref, region, labels.ignore_label, properties.get("bbox_used_for_cropping"), boundary_width)
+        accumulator = CalibrationAccumulator(labels.num_classes, n_bins)
+        target = np.where(mask, ref, 0)
+        accumulator.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(mask))
+        pooled += accumulator
+        pred = probs.argmax(0)
+        per_case[case] = {
+            **accumulator.compute(),
+            **segmentation_metrics(pred, ref, labels, seg_properties["spacing"]),
+        }
+        if on_case is not None:
+            all_mask = region_mask(ref, "all", labels.ignore_label, properties.get("bbox_used_for_cropping"))
+            on_case(case, probs, ref, all_mask)
+    return summarise(per_case, pooled, labels, region, temperature)
+
+
+def summarise(per_case: dict, pooled: CalibrationAccumulator, labels: LabelInfo, region: str, temperature) -> dict:
+    cases = list(per_case.values())
+    foreground = [name for label, name in sorted(labels.names.items()) if label != 0]
+    mean = aggregate(cases, METRIC_KEYS)
+    for key in ("dice", "hd95"):
+        per_class = aggregate([c[key] for c in cases], foreground)
+        per_class.pop("n_voxels"), per_class.pop("n_cases")
+        mean[key] = per_class
+    for key in ("empty_reference", "empty_prediction"):
+        mean[key] = {name: sum(name in c[key] for c in cases) for name in foreground}
+    return {
+        "region": region,
+        "temperature": temperature,
+        "aggregation": {
+            "mean": "metric per case, then mean (and std) over cases: the paper's aggregation",
+            "pooled": "all selected voxels of all cases in one accumulator",
+        },
+        "num_cases": len(cases),
+        "mean": mean,
+        "pooled": pooled.compute(),
+        "reliability": {k: v.tolist() for k, v in pooled.reliability().items()},
+        "per_case": per_case,
+    }

@@ -1,0 +1,81 @@
+"""Shared fixtures: nnU-Net folders in a temporary directory and real nnU-Net commands on tiny data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_TRAINERS = Path(__file__).resolve().parent / "ext_trainers"
+BIN = Path(sys.executable).parent
+
+
+class NnUNet:
+    """nnU-Net folders under one root and a runner for nnU-Net / nnunet-mbls commands on the CPU."""
+
+    def __init__(self, root: Path):
+        from nnunet_mbls.paths import ext_trainer_folder
+
+        self.root = root
+        self.raw, self.preprocessed, self.results = (root / n for n in ("raw", "preprocessed", "results"))
+        for p in (self.raw, self.preprocessed, self.results):
+            p.mkdir(parents=True, exist_ok=True)
+        self.env = dict(
+            os.environ,
+            nnUNet_raw=str(self.raw),
+            nnUNet_preprocessed=str(self.preprocessed),
+            nnUNet_results=str(self.results),
+            nnUNet_extTrainer=os.pathsep.join([str(ext_trainer_folder()), str(TEST_TRAINERS)]),
+            nnUNet_compile="f",
+            nnUNet_def_n_proc="1",
+            OMP_NUM_THREADS="2",
+        )
+
+    def run(self, *args: str, training: bool = False, check: bool = True) -> subprocess.CompletedProcess:
+        env = dict(self.env, nnUNet_n_proc_DA="0") if training else self.env
+        cmd = [str(BIN / args[0]), *args[1:]]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        return proc
+
+    def plan(self, dataset_id: int, configuration: str) -> None:
+        self.run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1",
+                 "--verify_dataset_integrity")
+
+    def train(self, dataset_id: int, configuration: str, trainer: str, fold: str = "0", *extra: str, check=True):
+        return self.run("nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", "cpu",
+                        *extra, training=True, check=check)
+
+    def fold_folder(self, dataset_folder: str, trainer: str, configuration: str, fold: int = 0) -> Path:
+        return self.results / dataset_folder / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+
+    def apply_env(self, monkeypatch) -> None:
+        """Make this process see the same nnU-Net folders (for in-process calls)."""
+        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_compile",
+                    "nnUNet_def_n_proc"):
+            monkeypatch.setenv(key, self.env[key])
+        monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+
+
+@pytest.fixture(scope="session")
+def nnunet_3d(tmp_path_factory) -> tuple[NnUNet, str]:
+    """A planned tiny 3D synthetic dataset (8 cases of 24x32x32): (runner, dataset folder name)."""
+    from nnunet_mbls.data.synthetic import make_synthetic_dataset
+
+    nn = NnUNet(tmp_path_factory.mktemp("nnunet3d"))
+    folder = make_synthetic_dataset(nn.raw, dataset_id=501, name="Tiny3D", num_cases=8, shape=(24, 32, 32), seed=0)
+    nn.plan(501, "3d_fullres")
+    return nn, folder.name
+
+
+@pytest.fixture(scope="session")
+def trained_stock_3d(nnunet_3d) -> tuple[NnUNet, str, Path]:
+    """Stock nnU-Net Dice+CE (short budget) trained on fold 0 with --npz: (runner, dataset, fold folder)."""
+    nn, dataset = nnunet_3d
+    nn.train(501, "3d_fullres", "nnUNetTrainerStock_test", "0", "--npz")
+    return nn, dataset, nn.fold_folder(dataset, "nnUNetTrainerStock_test", "3d_fullres")

@@ -1,0 +1,36 @@
+"""Short trainers for the tests: our trainers (and stock nnUNetTrainer) with a few tiny epochs.
+
+Found by nnU-Net through nnUNet_extTrainer like the real ones; only the budget differs.
+"""
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_mbls.trainers import nnUNetTrainerCE, nnUNetTrainerMbLS, nnUNetTrainerMbLSDice
+
+
+class ShortBudget:
+    num_epochs_for_tests = 2
+    iterations_for_tests = 3
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.num_epochs_for_tests
+        self.num_iterations_per_epoch = self.iterations_for_tests
+        self.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainerMbLS_test(ShortBudget, nnUNetTrainerMbLS):
+    pass
+
+
+class nnUNetTrainerMbLSDice_test(ShortBudget, nnUNetTrainerMbLSDice):
+    pass
+
+
+class nnUNetTrainerCE_test(ShortBudget, nnUNetTrainerCE):
+    pass
+
+
+class nnUNetTrainerStock_test(ShortBudget, nnUNetTrainer):
+    """Stock nnU-Net Dice+CE with the test budget (no nnunet-mbls code involved)."""
