@@ -28,6 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -36,6 +37,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
             raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; nothing was changed there") from e
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

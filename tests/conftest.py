@@ -45,7 +45,7 @@ class NnUNet:
 
     def plan(self, dataset_id: int, configuration: str) -> None:
         self.run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1",
-                 "--verify_dataset_integrity")
+                 "-npfp", "1", "--verify_dataset_integrity")
 
     def train(self, dataset_id: int, configuration: str, trainer: str, fold: str = "0", *extra: str, check=True):
         return self.run("nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", "cpu",

@@ -1,0 +1,116 @@
+"""Input checks shared by the streaming metrics and the temperature subsampler.
+
+Both consume one case at a time as ``probs (C, *spatial)``, ``target (*spatial)`` and an optional
+``mask (*spatial)``, in chunks of voxels so that temporary memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Voxels per chunk: temporaries are a few (C, CHUNK_VOXELS) tensors whatever the image size.
+CHUNK_VOXELS = 2**21
+
+
+def check_positive_int(name: str, value: object, example: int) -> int:
+    """Return ``value`` as int, or raise ValueError naming ``name`` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}; pass e.g. {name}={example}")
+    return int(value)
+
+
+def as_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
+    """Return ``x`` as a tensor (numpy arrays are wrapped without a copy)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.as_tensor(x)
+    raise ValueError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}; convert it first")
+
+
+def flatten_case(
+    probs: Tensor | np.ndarray, target: Tensor | np.ndarray, mask: Tensor | np.ndarray | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Check the shapes and dtypes of one case and return flat views.
+
+    Args:
+        probs: (C, *spatial) floating probabilities.
+        target: (*spatial) integer labels.
+        mask: (*spatial) bool, True for voxels to use; None uses every voxel.
+
+    Returns:
+        probs (C, V), target (V,) and mask (V,) or None, target and mask on ``probs.device``.
+    """
+    probs, target = as_tensor(probs, "probs"), as_tensor(target, "target")
+    if not probs.is_floating_point():
+        raise ValueError(f"probs must be floating point probabilities, got dtype {probs.dtype}; apply softmax first")
+    if probs.ndim < 2:
+        raise ValueError(f"probs must have shape (C, *spatial), got {tuple(probs.shape)}; add the class axis first")
+    if tuple(target.shape) != tuple(probs.shape[1:]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match probs spatial shape {tuple(probs.shape[1:])} "
+            f"(probs shape {tuple(probs.shape)}); pass target as (*spatial), e.g. squeeze nnU-Net's channel axis"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer labels, got dtype {target.dtype}; convert with target.long()")
+    c = probs.shape[0]
+    flat_mask = None
+    if mask is not None:
+        mask = as_tensor(mask, "mask")
+        if tuple(mask.shape) != tuple(target.shape):
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match target shape {tuple(target.shape)}; "
+                "build the mask on the ground-truth grid (see region_mask)"
+            )
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got dtype {mask.dtype}; pass mask != 0 or mask.bool()")
+        flat_mask = mask.reshape(-1).to(probs.device)
+    return probs.reshape(c, -1), target.reshape(-1).to(probs.device), flat_mask
+
+
+def iter_chunks(
+    probs: Tensor, target: Tensor, mask: Tensor | None, chunk_voxels: int = CHUNK_VOXELS
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield checked ``(probs (C, n), target (n,) int64)`` chunks of the masked voxels, n <= chunk_voxels.
+
+    Inputs are the flat outputs of :func:`flatten_case`. Raises ValueError on non-finite
+    probabilities, values outside [0, 1] or labels outside [0, C) among the masked voxels.
+    """
+    c, v = probs.shape
+    for start in range(0, v, chunk_voxels):
+        p, t = probs[:, start : start + chunk_voxels], target[start : start + chunk_voxels]
+        if mask is not None:
+            m = mask[start : start + chunk_voxels]
+            p, t = p[:, m], t[m]
+        if t.numel() == 0:
+            continue
+        check_probs(p)
+        check_labels(t, c)
+        yield p, t.long()
+
+
+def check_probs(p: Tensor) -> None:
+    """Raise ValueError unless the probabilities ``p`` (any shape) are finite and in [0, 1]."""
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError("probabilities contain NaN/Inf; check the network output or the saved .npz file")
+    lo, hi = float(p.min()), float(p.max())
+    if lo < 0.0 or hi > 1.0 + 1e-3:
+        raise ValueError(
+            f"probs must be probabilities in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+            "apply softmax over the class axis to logits first"
+        )
+
+
+def check_labels(t: Tensor, num_classes: int) -> None:
+    """Raise ValueError naming the offending values unless every label in ``t`` lies in [0, num_classes)."""
+    bad = (t < 0) | (t >= num_classes)
+    if bool(bad.any()):
+        values = torch.unique(t[bad])[:10].tolist()
+        raise ValueError(
+            f"target contains labels {values} outside [0, {num_classes}) among the included voxels; "
+            "exclude the ignore label with the mask (region_mask(..., ignore_label=...)) or check num_classes"
+        )

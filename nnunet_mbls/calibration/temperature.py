@@ -1,0 +1,252 @@
+"""Temperature scaling: fit a scalar T, apply it to saved probabilities, or fold it into a checkpoint.
+
+For probabilities p = softmax(z), ``normalize(p ** (1/T)) == softmax(z / T)``, so a T fitted on saved
+validation probabilities applies equally to .npz files (:func:`apply_temperature`) and to the network
+(:func:`fold_temperature_into_checkpoint`, dividing the last linear segmentation head by T).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nnunet_mbls.calibration._inputs import (
+    CHUNK_VOXELS,
+    as_tensor,
+    check_labels,
+    check_positive_int,
+    check_probs,
+    flatten_case,
+    iter_chunks,
+)
+from nnunet_mbls.calibration.metrics import NLL_FLOOR
+from nnunet_mbls.io import atomic_write
+
+LOG_FLOOR = math.log(NLL_FLOOR)  #: log-probabilities are floored here in the fit (same floor as the NLL metric)
+_ROWS_PER_CHUNK = 2**20
+
+
+def _check_temperature(T: float) -> float:
+    is_number = isinstance(T, (int, float, np.floating, np.integer)) and not isinstance(T, bool)
+    if not is_number or not math.isfinite(T) or T <= 0:
+        raise ValueError(f"T must be a finite number > 0, got {T!r}; use a value from fit_temperature")
+    return float(T)
+
+
+def _nll_derivatives(x: Tensor, xt: Tensor, beta: float) -> tuple[float, float, float]:
+    """Mean NLL of softmax(beta * x) and its first and second derivative in beta.
+
+    x: (N, C) log-probabilities, xt: (N,) log-probability of the target. With q = softmax(beta x):
+    NLL = logsumexp(beta x) - beta x_t, dNLL = E_q[x] - x_t, d2NLL = Var_q[x] >= 0 (convex in beta).
+    """
+    nll = grad = hess = 0.0
+    for s in range(0, x.shape[0], _ROWS_PER_CHUNK):
+        xc, tc = x[s : s + _ROWS_PER_CHUNK], xt[s : s + _ROWS_PER_CHUNK]
+        z = xc * beta
+        lse = torch.logsumexp(z, dim=1)
+        q = torch.exp(z - lse[:, None])
+        ex = (q * xc).sum(dim=1)
+        nll += float((lse - beta * tc).sum(dtype=torch.float64))
+        grad += float((ex - tc).sum(dtype=torch.float64))
+        hess += float((q * (xc - ex[:, None]).square()).sum(dtype=torch.float64))
+    n = x.shape[0]
+    return nll / n, grad / n, hess / n
+
+
+def fit_temperature(
+    log_probs: Tensor | np.ndarray, target: Tensor | np.ndarray, t_bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """Scalar T in ``t_bounds`` minimising the mean NLL of softmax(log_probs / T).
+
+    Args:
+        log_probs: (N, C) log-probabilities (e.g. log of saved probabilities, -inf allowed for p = 0) or logits.
+            They are renormalised with log_softmax and floored at log(1e-12), the NLL metric's floor, so a
+            voxel whose target probability is exactly 0 costs a bounded amount instead of infinity.
+        target: (N,) integer labels in [0, C).
+        t_bounds: (T_min, T_max), 0 < T_min < T_max.
+
+    The NLL is convex in beta = 1/T; this runs safeguarded Newton on beta (bisection in log beta whenever
+    a Newton step leaves the bracket), float32 elementwise work with float64 sums, in row chunks.
+    Degenerate inputs return a bound: when every voxel is already correct the NLL keeps falling as T
+    shrinks, so T_min is returned; when the NLL is flat in T (e.g. C = 1) 1.0 (clipped to the bounds).
+    """
+    t_lo, t_hi = (float(v) for v in t_bounds)
+    if not (0 < t_lo < t_hi and math.isfinite(t_hi)):
+        raise ValueError(f"t_bounds must be (T_min, T_max) with 0 < T_min < T_max < inf, got {t_bounds!r}")
+    x, t = as_tensor(log_probs, "log_probs"), as_tensor(target, "target")
+    if x.ndim != 2 or not x.is_floating_point() or x.shape[0] == 0:
+        raise ValueError(
+            f"log_probs must be a float (N, C) tensor with N >= 1, got shape {tuple(x.shape)} dtype {x.dtype}"
+        )
+    if tuple(t.shape) != (x.shape[0],) or t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(
+            f"target must be integer labels of shape ({x.shape[0]},), got shape {tuple(t.shape)} dtype {t.dtype}"
+        )
+    if bool(torch.isnan(x).any()) or bool((x == math.inf).any()) or not bool(torch.isfinite(x.max(dim=1).values).all()):
+        raise ValueError("log_probs contain NaN, +Inf or a row that is -Inf everywhere; check the probabilities")
+    t = t.to(x.device).long()
+    check_labels(t, x.shape[1])
+    x = torch.log_softmax(x.float(), dim=1).clamp_(min=LOG_FLOOR)
+    xt = x.gather(1, t[:, None]).squeeze(1)
+
+    b_lo, b_hi = 1.0 / t_hi, 1.0 / t_lo
+    g_lo, g_hi = _nll_derivatives(x, xt, b_lo)[1], _nll_derivatives(x, xt, b_hi)[1]
+    if g_lo >= 0 and g_hi <= 0:  # flat objective: any T is optimal, keep the probabilities as they are
+        return min(max(1.0, t_lo), t_hi)
+    if g_lo >= 0:
+        return t_hi
+    if g_hi <= 0:
+        return t_lo
+    beta = min(max(1.0, b_lo), b_hi)
+    for _ in range(100):
+        _, g, h = _nll_derivatives(x, xt, beta)
+        if g == 0:
+            break
+        if g > 0:
+            b_hi = beta
+        else:
+            b_lo = beta
+        step = beta - g / h if h > 0 else math.nan
+        new = step if b_lo < step < b_hi else math.sqrt(b_lo * b_hi)
+        if abs(new - beta) <= 1e-7 * beta or b_hi - b_lo <= 1e-9 * b_hi:
+            beta = new
+            break
+        beta = new
+    return 1.0 / beta
+
+
+class VoxelSubsampler:
+    """Bounded uniform sample of voxels across many cases streamed one by one, for :func:`fit_temperature`.
+
+    Bottom-k ("priority") reservoir sampling: every included voxel gets a uniform random key from a
+    generator seeded with ``seed``, and the ``max_voxels`` voxels with the smallest keys are kept. The
+    result is a uniform sample without replacement of all voxels seen so far (so large cases contribute
+    proportionally more, as in a pooled fit), deterministic for a seed and the same sequence of ``add``
+    calls. Memory: max_voxels x (C float32 + int64 label + float64 key), plus one chunk of a case.
+    """
+
+    def __init__(self, max_voxels: int = 1_000_000, seed: int = 0) -> None:
+        self.max_voxels = check_positive_int("max_voxels", max_voxels, 1_000_000)
+        self.chunk_voxels = CHUNK_VOXELS
+        self.n_seen = 0
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self._keys = torch.empty(0, dtype=torch.float64)
+        self._logp: Tensor | None = None
+        self._target = torch.empty(0, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return int(self._target.numel())
+
+    def add(
+        self, probs: Tensor | np.ndarray, target: Tensor | np.ndarray, mask: Tensor | np.ndarray | None = None
+    ) -> None:
+        """Offer the voxels of one case: probs (C, *spatial), target (*spatial) int, mask (*spatial) bool or None."""
+        p_flat, t_flat, m_flat = flatten_case(probs, target, mask)
+        if self._logp is not None and p_flat.shape[0] != self._logp.shape[1]:
+            raise ValueError(f"probs has {p_flat.shape[0]} classes but earlier cases had {self._logp.shape[1]}; "
+                             "use one subsampler per dataset")
+        saved = (self._keys, self._logp, self._target, self.n_seen, self._gen.get_state())
+        try:
+            for p, t in iter_chunks(p_flat, t_flat, m_flat, self.chunk_voxels):
+                self._offer(p, t)
+        except BaseException:  # a bad chunk rejects the whole case: restore the sample and the generator
+            self._keys, self._logp, self._target, self.n_seen = saved[:4]
+            self._gen.set_state(saved[4])
+            raise
+
+    def _offer(self, p: Tensor, t: Tensor) -> None:
+        """Merge one checked chunk, p (C, n) and t (n,) int64, into the sample."""
+        keys = torch.rand(t.numel(), generator=self._gen, dtype=torch.float64)
+        self.n_seen += t.numel()
+        if len(self) >= self.max_voxels:  # only keys below the current k-th smallest can enter
+            keep = keys < self._keys.max()
+            keys, p, t = keys[keep], p[:, keep.to(p.device)], t[keep.to(t.device)]
+        logp = p.T.float().log().cpu()  # (n, C), -inf where p == 0
+        self._logp = logp if self._logp is None else torch.cat([self._logp, logp])
+        self._keys = torch.cat([self._keys, keys])
+        self._target = torch.cat([self._target, t.cpu()])
+        if len(self) > self.max_voxels:
+            idx = torch.topk(self._keys, self.max_voxels, largest=False).indices
+            self._keys, self._logp, self._target = self._keys[idx], self._logp[idx], self._target[idx]
+
+    def arrays(self) -> tuple[Tensor, Tensor]:
+        """Sampled ``log_probs`` (N, C) float32 (log of the given probabilities) and ``target`` (N,) int64."""
+        if self._logp is None:
+            raise ValueError("no voxel was added; call add() with at least one non-empty case first")
+        return self._logp, self._target
+
+
+def apply_temperature(probs: Tensor | np.ndarray, T: float) -> Tensor | np.ndarray:
+    """normalize(p ** (1/T)) over the class axis, computed as softmax(log p / T); same type, dtype and shape.
+
+    Args:
+        probs: (C, *spatial) probabilities (e.g. an nnU-Net .npz ``probabilities`` array).
+        T: temperature > 0; T > 1 softens, T < 1 sharpens, argmax is unchanged and p = 0 stays 0.
+    Works chunk by chunk (float32, or float64 for float64 input); the input is not modified.
+    """
+    T = _check_temperature(T)
+    is_numpy = isinstance(probs, np.ndarray)
+    p = as_tensor(probs, "probs")
+    if not p.is_floating_point() or p.ndim < 1:
+        raise ValueError(f"probs must be a floating (C, *spatial) array, got dtype {p.dtype} shape {tuple(p.shape)}")
+    flat = p.reshape(p.shape[0], -1)
+    out = torch.empty_like(flat)
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    for s in range(0, flat.shape[1], CHUNK_VOXELS):
+        chunk = flat[:, s : s + CHUNK_VOXELS].to(dtype)
+        check_probs(chunk)
+        out[:, s : s + CHUNK_VOXELS] = torch.softmax(torch.log(chunk) / T, dim=0).to(p.dtype)
+    out = out.view(p.shape)
+    return out.numpy() if is_numpy else out
+
+
+_HEAD_KEY = re.compile(r"^decoder\.seg_layers\.(\d+)\.(weight|bias)$")
+
+
+def fold_temperature_into_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, T: float, *, overwrite: bool = False
+) -> list[str]:
+    """Write a copy of nnU-Net checkpoint ``src`` to ``dst`` whose network outputs logits / T.
+
+    The full-resolution head ``decoder.seg_layers.{i}`` with the highest i is linear (logits = W h + b),
+    so its weight and bias are divided by T. Every other entry and all state-dict keys stay as they are,
+    so nnU-Net's predictor loads ``dst`` strictly under any trainer name (stock ``nnUNetTrainer`` too).
+    ``checkpoint['mbls_temperature']`` records the total temperature (T times any already recorded).
+    The optimizer state is copied unchanged: the file is meant for inference.
+
+    Returns the modified state-dict keys. ``src`` is never modified; ``dst`` must differ from it and is
+    only replaced when ``overwrite`` is True. Raises ValueError when the checkpoint has no such head.
+    """
+    T = _check_temperature(T)
+    src, dst = Path(src), Path(dst)
+    if dst.resolve() == src.resolve():
+        raise ValueError(
+            f"dst {dst} is the source checkpoint; write to another file, e.g. checkpoint_final_calibrated.pth"
+        )
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
+    checkpoint = torch.load(src, map_location="cpu", weights_only=False)
+    weights = checkpoint.get("network_weights") if isinstance(checkpoint, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"{src} has no 'network_weights' state dict; is it an nnU-Net v2 checkpoint?")
+    heads = [(int(m.group(1)), key) for key in weights if (m := _HEAD_KEY.match(key))]
+    weight_heads = [i for i, key in heads if key.endswith(".weight")]
+    if not weight_heads:
+        raise ValueError(
+            f"{src} has no keys decoder.seg_layers.{{i}}.weight / .bias (the linear segmentation head); "
+            "this architecture cannot take a folded temperature: use apply_temperature on the saved .npz "
+            "probabilities instead"
+        )
+    last = max(weight_heads)
+    modified = [key for i, key in sorted(heads, key=lambda h: h[1].endswith(".bias")) if i == last]
+    for key in modified:
+        weights[key] = weights[key] / T
+    checkpoint["mbls_temperature"] = float(checkpoint.get("mbls_temperature", 1.0)) * T
+    atomic_write(dst, lambda tmp: torch.save(checkpoint, tmp))
+    return modified

@@ -1,0 +1,357 @@
+"""Calibration metrics, regions and reliability diagrams against independent references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.classification import MulticlassCalibrationError
+
+from nnunet_mbls.calibration import CalibrationAccumulator, aggregate, plot_reliability, region_mask
+
+N_BINS = 15
+
+
+def random_case(c: int, shape: tuple[int, ...], seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities (C, *shape) float32 and labels (*shape) sampled from a sharper softmax,
+    with voxels whose probabilities lie within 1e-3 of an inner bin edge relabelled to a fresh draw
+    (so the (lower, upper] and [lower, upper) conventions agree on every voxel)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((c, *shape), generator=g) * scale
+    probs = torch.softmax(z, dim=0)
+    scaled = probs.double() * N_BINS
+    near_edge = ((scaled - scaled.round()).abs() < 1e-3) & (scaled.round() >= 1) & (scaled.round() <= N_BINS - 1)
+    probs[:, near_edge.any(dim=0)] = torch.softmax(torch.tensor([0.31, 0.0] + [-1.0] * (c - 2)), 0)[:, None]
+    flat = torch.softmax(1.5 * z, dim=0).reshape(c, -1).T
+    target = torch.multinomial(flat, 1, generator=g).reshape(shape)
+    return probs, target
+
+
+def naive_reference(p: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Plain numpy loops over classes and (lower, upper] bins; p (N, C) float64, y (N,)."""
+    n, c = p.shape
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+
+    def in_bin(v: np.ndarray, b: int) -> np.ndarray:
+        return ((v > edges[b]) & (v <= edges[b + 1])) | ((v == 0) if b == 0 else False)
+
+    def binned_error(conf: np.ndarray, hit: np.ndarray) -> float:
+        err = 0.0
+        for b in range(n_bins):
+            sel = in_bin(conf, b)
+            if sel.any():
+                err += sel.sum() / n * abs(hit[sel].mean() - conf[sel].mean())
+        return err
+
+    conf, pred = p.max(1), p.argmax(1)
+    onehot = np.eye(c)[y]
+    rel = {"count": np.array([in_bin(conf, b).sum() for b in range(n_bins)], float)}
+    for key, values in (("confidence", conf), ("accuracy", (pred == y).astype(float))):
+        rel[key] = np.array([values[in_bin(conf, b)].mean() if rel["count"][b] else np.nan for b in range(n_bins)])
+    return {
+        "ece": binned_error(conf, (pred == y).astype(float)),
+        "cece": np.mean([binned_error(p[:, k], (y == k).astype(float)) for k in range(c)]),
+        "nll": float(np.mean(-np.log(np.maximum(p[np.arange(n), y], 1e-12)))),
+        "brier": float(np.mean(((p - onehot) ** 2).sum(1))),
+        "reliability": rel,
+    }
+
+
+def metrics_of(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, **kw) -> dict:
+    acc = CalibrationAccumulator(probs.shape[0], **kw)
+    acc.update(probs, target, mask)
+    return acc.compute()
+
+
+def assert_same_metrics(a: dict, b: dict, rtol: float = 1e-9) -> None:
+    assert a["n_voxels"] == b["n_voxels"]
+    for k in ("ece", "cece", "nll", "brier"):
+        assert a[k] == pytest.approx(b[k], rel=rtol, abs=1e-12), k
+
+
+@pytest.mark.parametrize("shape", [(6, 20, 25), (40, 30)])
+def test_ece_matches_torchmetrics(shape):
+    probs, target = random_case(4, shape, seed=1)
+    tm = MulticlassCalibrationError(num_classes=4, n_bins=N_BINS, norm="l1")
+    tm.update(probs[None], target[None])  # torchmetrics layout (B, C, *spatial)
+    ours = metrics_of(probs, target)
+    assert ours["ece"] == pytest.approx(float(tm.compute()), abs=1e-6)
+    assert ours["ece"] > 0.01  # the data are miscalibrated on purpose, so the check is not vacuous
+
+
+def test_cece_nll_brier_reliability_match_naive_loops():
+    probs, target = random_case(3, (50, 40), seed=2)
+    ref = naive_reference(probs.reshape(3, -1).T.double().numpy(), target.reshape(-1).numpy())
+    acc = CalibrationAccumulator(3)
+    acc.update(probs, target)
+    ours = acc.compute()
+    for k in ("ece", "cece", "nll", "brier"):
+        assert ours[k] == pytest.approx(ref[k], rel=1e-5), k
+    rel = acc.reliability()
+    np.testing.assert_array_equal(rel["count"], ref["reliability"]["count"])
+    np.testing.assert_allclose(rel["confidence"], ref["reliability"]["confidence"], rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(rel["accuracy"], ref["reliability"]["accuracy"], rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(rel["bin_lower"], np.arange(N_BINS) / N_BINS)
+    assert np.isnan(rel["confidence"][0])  # no 3-class max-probability can be <= 1/15
+
+
+def test_classwise_ece_averages_over_all_classes_even_absent_ones():
+    probs, target = random_case(3, (30, 30), seed=17)
+    target[target == 2] = 0  # class 2 never occurs, but its probabilities still count
+    ref = naive_reference(probs.reshape(3, -1).T.double().numpy(), target.reshape(-1).numpy())
+    assert metrics_of(probs, target)["cece"] == pytest.approx(ref["cece"], rel=1e-5)
+
+
+def test_bin_edges_are_upper_inclusive():
+    # 4 bins; confidences 0.5 and 0.75 lie exactly on edges (exact in binary floating point)
+    probs = torch.tensor([[0.5, 0.75, 0.8], [0.5, 0.25, 0.2]])
+    acc = CalibrationAccumulator(2, n_bins=4)
+    acc.update(probs, torch.tensor([0, 0, 1]))
+    np.testing.assert_array_equal(acc.reliability()["count"], [0, 1, 1, 1])  # (0.25, 0.5], (0.5, 0.75], (0.75, 1]
+
+
+def test_exact_zero_and_one_probabilities_are_binned_not_dropped():
+    target = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 2]])
+    onehot = torch.nn.functional.one_hot(target, 3).permute(2, 0, 1).float()  # p in {0, 1} exactly
+    acc = CalibrationAccumulator(3)
+    acc.update(onehot, target)
+    assert acc.compute() == {"ece": 0.0, "cece": 0.0, "nll": 0.0, "brier": 0.0, "n_voxels": 8}
+    assert acc.reliability()["count"][-1] == 8  # p = 1 in the last bin
+    cls_count = acc.state_tensors()[CalibrationAccumulator.STATE_NAMES.index("cls_count")]
+    assert cls_count[:, 0].sum() == 16 and cls_count.sum() == 24  # p = 0 in bin 0
+
+    wrong = torch.roll(onehot, 1, dims=0)  # confidently wrong everywhere
+    m = metrics_of(wrong, target)
+    assert m["ece"] == 1.0 and m["brier"] == 2.0
+    assert m["nll"] == pytest.approx(-math.log(1e-12))
+    assert m["cece"] == pytest.approx(2 / 3)  # per class: |freq - conf| = 1 on its 1-voxels and 0-voxels
+
+
+def test_mask_equals_selected_voxels():
+    probs, target = random_case(3, (12, 11), seed=3)
+    mask = target != 0
+    selected = metrics_of(probs[:, mask], target[mask])
+    assert_same_metrics(metrics_of(probs, target, mask), selected)
+    assert metrics_of(probs, target, mask)["n_voxels"] == int(mask.sum())
+
+
+def test_streaming_over_chunks_and_updates_equals_one_shot():
+    probs, target = random_case(4, (8, 15, 13), seed=4)
+    one_shot = CalibrationAccumulator(4)
+    one_shot.update(probs, target)
+    streamed = CalibrationAccumulator(4)
+    streamed.chunk_voxels = 37  # many ragged chunks
+    for z in range(0, 8, 3):
+        streamed.update(probs[:, z : z + 3], target[z : z + 3])
+    assert_same_metrics(streamed.compute(), one_shot.compute(), rtol=1e-12)
+    for a, b in zip(streamed.state_tensors(), one_shot.state_tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+
+
+def test_merge_and_summed_states_equal_pooled():
+    cases = [random_case(3, (9, 10), seed=s) for s in (5, 6, 7)]
+    pooled = CalibrationAccumulator(3)
+    parts = []
+    for probs, target in cases:
+        pooled.update(probs, target)
+        part = CalibrationAccumulator(3)
+        part.update(probs, target)
+        parts.append(part)
+    merged = CalibrationAccumulator(3)
+    merged.merge(parts[0])
+    merged += parts[1]
+    merged += parts[2]
+    assert_same_metrics(merged.compute(), pooled.compute())
+    # what an all_reduce(SUM) over ranks does to state_tensors()
+    reduced = CalibrationAccumulator(3)
+    reduced.load_state_tensors([sum(ts) for ts in zip(*(p.state_tensors() for p in parts))])
+    assert_same_metrics(reduced.compute(), pooled.compute())
+    with pytest.raises(ValueError, match="n_bins"):
+        merged.merge(CalibrationAccumulator(3, n_bins=10))
+
+
+def test_per_case_aggregation_equals_manual_mean_and_ignores_empty_cases():
+    cases = [random_case(3, (10, 10), seed=s) for s in (8, 9, 10)]
+    per_case = [metrics_of(p, t) for p, t in cases]
+    empty_probs, empty_target = cases[0]
+    per_case.append(metrics_of(empty_probs, empty_target, torch.zeros_like(empty_target, dtype=torch.bool)))
+    assert math.isnan(per_case[-1]["ece"]) and per_case[-1]["n_voxels"] == 0
+    agg = aggregate(per_case)
+    for k in ("ece", "cece", "nll", "brier"):
+        values = [d[k] for d in per_case[:3]]
+        assert agg[k] == pytest.approx(sum(values) / 3)
+        assert agg[f"{k}_std"] == pytest.approx(float(np.std(values, ddof=1)))
+        assert agg[f"{k}_n"] == 3
+    assert agg["n_cases"] == 4 and agg["n_voxels"] == 300
+    # per case then mean differs from pooled in general
+    pooled = CalibrationAccumulator(3)
+    for p, t in cases:
+        pooled.update(p, t)
+    assert agg["ece"] != pytest.approx(pooled.compute()["ece"], rel=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        aggregate([])
+
+
+def test_float16_input_close_to_float32():
+    probs, target = random_case(3, (30, 30), seed=11)
+    a, b = metrics_of(probs, target), metrics_of(probs.half(), target)
+    for k in ("ece", "cece", "nll", "brier"):
+        assert b[k] == pytest.approx(a[k], abs=2e-3)
+
+
+def _with(x: torch.Tensor, index: tuple, value: float) -> torch.Tensor:
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p, t: (p[:, :3], t, None), r"target shape \(4, 5\) does not match probs spatial shape \(3, 5\)"),
+        (lambda p, t: (_with(p, (0, 3, 4), float("nan")), t, None), "NaN/Inf"),
+        (lambda p, t: (p, _with(t, (3, 4), 7), None), r"labels \[7\]"),
+        (lambda p, t: (p * 4 - 1, t, None), "apply softmax"),
+        (lambda p, t: (p, t, (t != 0).int()), "mask must be a bool"),
+        (lambda p, t: (p, t.float(), None), "integer labels"),
+        (lambda p, t: (p, t, torch.ones(3, 5, dtype=torch.bool)), r"mask shape \(3, 5\)"),
+    ],
+)
+def test_invalid_input_raises_and_leaves_states_unchanged(make, message):
+    probs, target = random_case(3, (4, 5), seed=12)
+    acc = CalibrationAccumulator(3)
+    acc.chunk_voxels = 7  # bad voxels sit in the last chunk, after good chunks were already summed
+    acc.update(probs, target)
+    before = [t.clone() for t in acc.state_tensors()]
+    with pytest.raises(ValueError, match=message):
+        acc.update(*make(probs, target))
+    for a, b in zip(acc.state_tensors(), before):
+        assert torch.equal(a, b)
+
+
+def test_masked_out_bad_labels_are_accepted_and_bad_arguments_rejected():
+    probs, target = random_case(3, (4, 5), seed=13)
+    target[0, 0] = 3  # e.g. nnU-Net's ignore label == number of classes
+    assert metrics_of(probs, target, target != 3)["n_voxels"] == 19
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
+        CalibrationAccumulator(0)
+    with pytest.raises(ValueError, match="n_bins"):
+        CalibrationAccumulator(3, n_bins=1.5)
+    with pytest.raises(ValueError, match="num_classes=4"):
+        CalibrationAccumulator(4).update(probs, target)
+
+
+def test_empty_accumulator_and_reset():
+    acc = CalibrationAccumulator(2)
+    assert acc.compute()["n_voxels"] == 0 and math.isnan(acc.compute()["ece"])
+    assert np.isnan(acc.reliability()["accuracy"]).all()
+    probs, target = random_case(2, (5, 5), seed=14)
+    acc.update(probs, target)
+    acc.reset()
+    assert math.isnan(acc.compute()["nll"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_states_match_cpu():
+    probs, target = random_case(3, (20, 20), seed=15)
+    acc = CalibrationAccumulator(3)
+    acc.update(probs.cuda(), target.cuda(), (target != 0).cuda())
+    assert acc.device.type == "cuda"
+    assert_same_metrics(acc.compute(), metrics_of(probs, target, target != 0), rtol=1e-6)
+
+
+# ---- regions: a 6 x 7 label image checked by hand -------------------------------------------------
+LABELS = np.array(
+    [
+        [0, 0, 0, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 0, 0, 0, 9],
+        [0, 0, 0, 0, 0, 0, 9],
+        [0, 0, 0, 0, 0, 0, 0],
+        [2, 0, 0, 0, 0, 0, 0],
+    ]
+)
+
+
+def grid(rows: str) -> np.ndarray:
+    return np.array([[c == "x" for c in row.split()] for row in rows.strip().splitlines()])
+
+
+def test_region_fg_and_all_with_crop_box():
+    fg = region_mask(LABELS, "fg", ignore_label=9)
+    assert fg.dtype == bool and fg.shape == LABELS.shape
+    assert np.array_equal(fg, np.isin(LABELS, [1, 2]))
+    assert region_mask(LABELS, "fg").sum() == 7  # without ignore_label, 9 counts as foreground
+    box = region_mask(LABELS, "all", ignore_label=9, crop_bbox=[[0, 5], [1, 7]])
+    expected = grid(
+        """
+        . x x x x x x
+        . x x x x x x
+        . x x x x x .
+        . x x x x x .
+        . x x x x x x
+        . . . . . . .
+        """
+    )
+    assert np.array_equal(box, expected)
+    assert region_mask(LABELS, "all").all()
+
+
+def test_region_boundary_band_hand_checked():
+    width1 = grid(
+        """
+        x x x x . . .
+        x x x x . . .
+        x x x x . . .
+        x x x x . . .
+        x x . . . . .
+        x x . . . . .
+        """
+    )
+    width2 = grid(
+        """
+        x x x x x . .
+        x x x x x . .
+        x x x x x . .
+        x x x x x . .
+        x x x x x . .
+        x x x . . . .
+        """
+    )
+    # the ignore voxels (label 9) neither belong to the band nor make their neighbours a boundary
+    assert np.array_equal(region_mask(LABELS, "boundary", ignore_label=9, boundary_width=1), width1)
+    assert np.array_equal(region_mask(LABELS, "boundary", ignore_label=9), width2)
+    no_ignore = region_mask(LABELS, "boundary", boundary_width=1)
+    assert no_ignore[1, 5] and no_ignore[2, 6]  # treated as a label, 9 would create a boundary
+
+
+def test_region_tensor_input_3d_and_errors():
+    labels = torch.zeros(3, 4, 5, dtype=torch.int16)
+    labels[1, 1:3, 1:4] = 1
+    band = region_mask(labels, "boundary", boundary_width=1)
+    assert isinstance(band, torch.Tensor) and band.dtype == torch.bool
+    assert int(band.sum()) == 3 * 4 * 5  # every voxel is within one voxel of the small block
+    assert torch.equal(region_mask(labels, "fg"), labels != 0)
+    assert not region_mask(torch.ones(3, 4, 5, dtype=torch.long), "boundary").any()  # the image border is no boundary
+    with pytest.raises(ValueError, match="fg, all, boundary"):
+        region_mask(LABELS, "foreground")
+    with pytest.raises(ValueError, match="crop_bbox"):
+        region_mask(LABELS, "all", crop_bbox=[[0, 9], [0, 7]])
+    with pytest.raises(ValueError, match="boundary_width"):
+        region_mask(LABELS, "boundary", boundary_width=0)
+
+
+# ---- reliability diagram ----------------------------------------------------------------------------
+def test_plot_reliability_writes_png(tmp_path):
+    probs, target = random_case(3, (30, 30), seed=16)
+    acc = CalibrationAccumulator(3)
+    acc.update(probs, target)
+    curve = {**acc.reliability(), "ece": acc.compute()["ece"]}
+    for curves in ({"raw": curve}, {"raw": curve, "other": acc.reliability()}):
+        out = plot_reliability(curves, tmp_path / "rel.png", title="test")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel.png"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="count"):
+        plot_reliability({"bad": {"bin_lower": [0.0]}}, tmp_path / "bad.png")

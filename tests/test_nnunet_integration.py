@@ -1,0 +1,213 @@
+"""Real nnU-Net commands (plan, train, predict) with our trainers found through nnUNet_extTrainer, on CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_mbls.data.synthetic import make_synthetic_dataset
+
+from conftest import NnUNet
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_labels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def training_log(folder: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(folder.glob("training_log_*.txt")))
+
+
+def test_mbls_trainer_trains_validates_calibrates_and_predicts_3d(nnunet_3d, tmp_path):
+    nn, dataset = nnunet_3d
+    nn.train(501, "3d_fullres", "nnUNetTrainerMbLS_test")
+    fold = nn.fold_folder(dataset, "nnUNetTrainerMbLS_test", "3d_fullres")
+    log = training_log(fold)
+    assert "nnunet-mbls loss: MbLSLoss (mbls) {'margin': 10.0, 'lam': 0.1}" in log
+    assert log.count("Foreground ECE (validation batches)") == 2  # one per epoch
+    # nnU-Net's final validation ran (segmentations + summary) and our step wrote its own files beside it
+    assert len(list((fold / "validation").glob("*.nii.gz"))) == 2
+    assert len(list((fold / "validation").glob("*.npz"))) == 2
+    assert (fold / "validation" / "summary.json").is_file()
+    calibration = json.loads((fold / "calibration.json").read_text())
+    assert 0.05 <= calibration["temperature"] <= 20
+    assert calibration["calibrated_checkpoint"] == "checkpoint_final_calibrated.pth"
+    assert (fold / "calibration" / "reliability.png").stat().st_size > 1000
+    assert (fold / "progress_calibration.png").is_file()
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert len(checkpoint["logging"]["val_fg_ece"]) == 2
+    assert checkpoint["trainer_name"] == "nnUNetTrainerMbLS_test"
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for case in ("case_0000", "case_0001"):
+        (inputs / f"{case}_0000.nii.gz").symlink_to(nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz")
+    out = tmp_path / "out"
+    nn.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", "501", "-c", "3d_fullres", "-f", "0",
+           "-tr", "nnUNetTrainerMbLS_test", "-device", "cpu", "-npp", "0", "-nps", "0")
+    for case in ("case_0000", "case_0001"):
+        seg = read_labels(out / f"{case}.nii.gz")
+        assert seg.shape == read_labels(nn.raw / dataset / "labelsTr" / f"{case}.nii.gz").shape
+        assert set(np.unique(seg)) <= {0, 1, 2, 3}
+
+
+def test_2d_configuration_with_mbls_dice(tmp_path_factory):
+    nn = NnUNet(tmp_path_factory.mktemp("nnunet2d"))
+    folder = make_synthetic_dataset(nn.raw, dataset_id=502, name="Tiny2D", num_cases=8, shape=(48, 48), seed=1)
+    nn.plan(502, "2d")
+    nn.train(502, "2d", "nnUNetTrainerMbLSDice_test")
+    fold = nn.fold_folder(folder.name, "nnUNetTrainerMbLSDice_test", "2d")
+    assert "MbLSDiceLoss (mbls_dice) {'margin': 10.0, 'lam': 0.1}" in training_log(fold)
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "calibration.json").is_file()
+    out = nn.root / "pred2d"
+    nn.run("nnUNetv2_predict", "-i", str(nn.raw / folder.name / "imagesTr"), "-o", str(out), "-d", "502", "-c", "2d",
+           "-f", "0", "-tr", "nnUNetTrainerMbLSDice_test", "-device", "cpu", "-npp", "0", "-nps", "0")
+    assert len(list(out.glob("*.nii.gz"))) == 8
+
+
+def test_dataset_with_ignore_label_trains_and_ignored_voxels_are_not_scored(tmp_path_factory):
+    nn = NnUNet(tmp_path_factory.mktemp("nnunet_ignore"))
+    folder = make_synthetic_dataset(nn.raw, dataset_id=503, name="TinyIgnore", num_cases=6, shape=(24, 32, 32),
+                                    seed=2, ignore_label=True)
+    labels = json.loads((folder / "dataset.json").read_text())["labels"]
+    assert labels["ignore"] == 4
+    nn.plan(503, "3d_fullres")
+    nn.train(503, "3d_fullres", "nnUNetTrainerCE_test")
+    fold = nn.fold_folder(folder.name, "nnUNetTrainerCE_test", "3d_fullres")
+    assert "ignore_label=4" in training_log(fold)
+    before = json.loads((fold / "calibration" / "evaluation_before.json").read_text())
+    for case, metrics in before["per_case"].items():
+        gt = read_labels(nn.preprocessed / folder.name / "gt_segmentations" / f"{case}.nii.gz")
+        assert (gt == 4).any(), "the test needs ignored voxels in the validation cases"
+        assert metrics["n_voxels"] == int(((gt != 0) & (gt != 4)).sum())
+
+
+def test_region_based_dataset_is_refused_at_trainer_start(nnunet_3d, monkeypatch):
+    from nnunet_mbls.trainers import nnUNetTrainerMbLS
+    from nnunet_mbls.trainers.base import RegionBasedDatasetError
+
+    nn, dataset = nnunet_3d
+    nn.apply_env(monkeypatch)
+    plans = dict(json.loads((nn.preprocessed / dataset / "nnUNetPlans.json").read_text()), continue_training=False)
+    dataset_json = json.loads((nn.preprocessed / dataset / "dataset.json").read_text())
+    dataset_json["labels"] = {"background": 0, "whole": [1, 2, 3], "inner": 2}
+    dataset_json["regions_class_order"] = [1, 2]
+    with pytest.raises(RegionBasedDatasetError, match="region-based.*nnUNetTrainer"):
+        nnUNetTrainerMbLS(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+
+
+def test_deep_supervision_weights_equal_stock_nnunet(nnunet_3d, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_mbls.losses import MbLSLoss
+    from nnunet_mbls.trainers import nnUNetTrainerMbLS
+
+    nn, dataset = nnunet_3d
+    nn.apply_env(monkeypatch)
+    plans = dict(json.loads((nn.preprocessed / dataset / "nnUNetPlans.json").read_text()), continue_training=False)
+    dataset_json = json.loads((nn.preprocessed / dataset / "dataset.json").read_text())
+    ours = nnUNetTrainerMbLS(dict(plans), "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    stock = nnUNetTrainer(dict(plans), "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    ours_loss, stock_loss = ours._build_loss(), stock._build_loss()
+    assert isinstance(ours_loss.loss, MbLSLoss)
+    assert len(ours_loss.weight_factors) == len(stock_loss.weight_factors) >= 2
+    np.testing.assert_allclose(ours_loss.weight_factors, stock_loss.weight_factors)
+
+
+def test_evaluate_on_a_stock_nnunet_validation_folder(trained_stock_3d, tmp_path):
+    nn, dataset, fold = trained_stock_3d
+    gt = nn.preprocessed / dataset / "gt_segmentations"
+    out = tmp_path / "metrics.json"
+    nn.run("nnunet-mbls", "evaluate", "-ref", str(gt), "-pred", str(fold / "validation"), "-o", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["per_case"]) == {p.name[:-4] for p in (fold / "validation").glob("*.npz")}
+    assert {"ece", "cece", "nll", "brier", "dice", "hd95"} <= set(result["mean"])
+    assert out.with_suffix(".png").is_file()
+    # Dice equals nnU-Net's own evaluation of the same validation run
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    for case_entry in summary["metric_per_case"]:
+        case = Path(case_entry["reference_file"]).name[: -len(".nii.gz")]
+        for label, name in ((1, "outer"), (2, "inner"), (3, "adjacent")):
+            ours, theirs = result["per_case"][case]["dice"][name], case_entry["metrics"][str(label)]["Dice"]
+            assert ours == pytest.approx(theirs, abs=1e-6, nan_ok=True)
+    # foreground ECE of each case against a plain numpy computation
+    for case, metrics in result["per_case"].items():
+        probs = np.load(fold / "validation" / f"{case}.npz")["probabilities"]
+        ref = read_labels(gt / f"{case}.nii.gz")
+        fg = ref != 0
+        p, y = probs[:, fg], ref[fg]
+        conf, correct = p.max(0), p.argmax(0) == y
+        bins = np.clip(np.ceil(conf * 15).astype(int) - 1, 0, 14)
+        ece = sum(abs(correct[bins == b].mean() - conf[bins == b].mean()) * (bins == b).sum()
+                  for b in range(15) if (bins == b).any()) / fg.sum()
+        assert metrics["ece"] == pytest.approx(ece, abs=1e-6)
+        assert metrics["nll"] == pytest.approx(-np.log(np.maximum(p[y, np.arange(y.size)], 1e-12)).mean(), rel=1e-5)
+
+
+def test_calibrate_stock_model_and_predict_with_the_folded_checkpoint(trained_stock_3d, tmp_path):
+    nn, dataset, fold = trained_stock_3d
+    original = sha256(fold / "checkpoint_final.pth")
+    nn.run("nnunet-mbls", "calibrate", "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test",
+           "-device", "cpu")
+    calibration = json.loads((fold / "calibration.json").read_text())
+    T = calibration["temperature"]
+    assert sha256(fold / "checkpoint_final.pth") == original
+    assert {"before", "after"} <= set(calibration) and calibration["fit"]["subsample_size"] > 0
+    # the temperature fit lowers NLL on the voxels it was fitted on (all voxels in the crop box)
+    assert T != pytest.approx(1.0, abs=1e-3)
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    case = sorted(p.name[:-4] for p in (fold / "validation").glob("*.npz"))[0]
+    (inputs / f"{case}_0000.nii.gz").symlink_to(nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz")
+    results = {}
+    for checkpoint in ("checkpoint_final.pth", "checkpoint_final_calibrated.pth"):
+        out = tmp_path / checkpoint
+        nn.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", "501", "-c", "3d_fullres", "-f", "0",
+               "-tr", "nnUNetTrainerStock_test", "-chk", checkpoint, "--save_probabilities", "-device", "cpu",
+               "-npp", "0", "-nps", "0")
+        results[checkpoint] = (read_labels(out / f"{case}.nii.gz"), np.load(out / f"{case}.npz")["probabilities"])
+    seg, probs = results["checkpoint_final.pth"]
+    seg_t, probs_t = results["checkpoint_final_calibrated.pth"]
+    expected = probs ** (1 / T)
+    expected /= expected.sum(0, keepdims=True)
+    # nnU-Net accumulates sliding-window logits in fp16 with a Gaussian weight that is tiny at the image
+    # border, which distorts border voxels whatever the model; the interior must match exactly
+    interior = (slice(None),) + tuple(slice(4, s - 4) for s in probs.shape[1:])
+    np.testing.assert_allclose(probs_t[interior], expected[interior], atol=2e-3)
+    assert np.mean(np.abs(probs_t - expected) > 0.02) < 0.05
+    # argmax is unchanged in the interior wherever fp16 rounding cannot have flipped a near tie; at the
+    # border the distorted probabilities can tie (seen here: 0.5% of the voxels of a 24x32x32 image)
+    top2 = np.sort(probs, axis=0)[-2:]
+    clear = ((top2[1] - top2[0]) > 0.01)[interior[1:]]
+    assert clear.mean() > 0.9
+    assert (seg_t[interior[1:]][clear] == seg[interior[1:]][clear]).all()
+    assert np.mean(seg_t == seg) > 0.98
+
+    # rerunning is idempotent and still leaves the original checkpoint alone
+    calibrated = sha256(fold / "checkpoint_final_calibrated.pth")
+    nn.run("nnunet-mbls", "calibrate", "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test",
+           "-device", "cpu")
+    assert json.loads((fold / "calibration.json").read_text())["temperature"] == T
+    assert sha256(fold / "checkpoint_final.pth") == original
+    folded = torch.load(fold / "checkpoint_final_calibrated.pth", map_location="cpu", weights_only=False)
+    assert folded["mbls_temperature"] == pytest.approx(T)
+
+
+def test_calibrate_without_a_trained_model_says_what_to_run(nnunet_3d):
+    nn, _ = nnunet_3d
+    proc = nn.run("nnunet-mbls", "calibrate", "-d", "501", "-c", "3d_fullres", "-f", "1", "-tr", "nnUNetTrainerMbLS",
+                  "-device", "cpu", check=False)
+    assert proc.returncode != 0
+    assert "nnUNetv2_train 501 3d_fullres 1 -tr nnUNetTrainerMbLS" in proc.stderr
