@@ -9,7 +9,8 @@ import sys
 def cmd_env(args: argparse.Namespace) -> int:
     from .paths import ext_trainer_folder
 
-    print(f"export nnUNet_extTrainer={ext_trainer_folder()}")
+    # keeps folders already listed in nnUNet_extTrainer, so `eval "$(nnunet-mbls env)"` composes
+    print(f'export nnUNet_extTrainer="{ext_trainer_folder()}${{nnUNet_extTrainer:+:$nnUNet_extTrainer}}"')
     return 0
 
 
@@ -65,6 +66,11 @@ def print_metrics(result: dict) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_trained_model
+    from .grid import Cell, dataset_name
+
+    if args.if_missing and Cell(dataset_name(args.d), args.c, str(args.f), args.tr, args.p).is_calibrated():
+        print("calibration.json is up to date; nothing to do (--if-missing)")
+        return 0
 
     summary = calibrate_trained_model(args.d, args.c, args.f, args.tr, args.p, device=args.device,
                                       max_voxels=args.max_voxels, seed=args.seed, region=args.region)
@@ -76,6 +82,60 @@ def cmd_apply_temperature(args: argparse.Namespace) -> int:
     from .calibration.files import apply_temperature_to_folder
 
     apply_temperature_to_folder(args.i, args.o, temperature=args.t, calibration_json=args.calibration_json)
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .grid import make_grid
+
+    if args.emit_jobs:
+        from .jobs import SlurmOptions, emit_jobs
+
+        slurm = SlurmOptions(gpus=args.slurm_gpus or max(1, args.num_gpus), time=args.slurm_time, cpus=args.slurm_cpus,
+                             mem=args.slurm_mem, partition=args.slurm_partition)
+        todo, done = emit_jobs(make_grid(args.d, args.c, args.f, args.tr, args.p), args.emit_jobs, args.num_gpus,
+                               slurm, device=args.device_for_jobs)
+        print(f"wrote {len(todo)} jobs to {args.emit_jobs}/jobs.txt ({len(done)} cells already finished); "
+              f"see {args.emit_jobs}/README.txt")
+        return 0
+    from .benchmark import run_benchmark
+
+    written = run_benchmark(args.d, args.c, args.f, args.tr, args.p, train=args.train, collect_only=args.collect,
+                            baseline=args.baseline, out=args.o, device=args.device, epochs=args.epochs,
+                            iterations=args.iterations)
+    for path in written.values():
+        print(path.read_text())
+        print(f"written: {path.parent}/results.{{md,csv,json}}, reliability.png, ece_vs_dice.png")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.o, quick=args.quick, trainers=args.tr, device=args.device, epochs=args.epochs,
+             iterations=args.iterations, seed=args.seed)
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    import os
+
+    from . import data
+
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        raise SystemExit("nnUNet_raw is not set: export it or pass --raw FOLDER")
+    common = dict(num_cases=args.num_cases, seed=args.seed, overwrite=args.overwrite)
+    if args.id is not None:
+        common["dataset_id"] = args.id
+    if args.kind == "synthetic":
+        shape = tuple(args.shape) if args.shape else (96, 96)
+        folder = data.make_synthetic_dataset(raw, shape=shape, ignore_label=args.ignore_label, **common)
+    elif args.kind == "ch2-deepgm":
+        folder = data.make_ch2_deepgm_dataset(raw, **common)
+    else:
+        folder = data.make_totalseg_abdomen_dataset(raw, **common)
+    print(f"wrote {folder}\nnext: nnUNetv2_plan_and_preprocess -d {folder.name[7:10].lstrip('0')} --verify_dataset_integrity")
     return 0
 
 
@@ -111,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-voxels", type=int, default=1_000_000, help="voxel subsample size for the temperature fit (default 1e6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the voxel subsample (default 0)")
     p.add_argument("--region", choices=["fg", "all", "boundary"], default="fg", help="voxels of the reported metrics (default fg)")
+    p.add_argument("--if-missing", action="store_true", help="do nothing when calibration.json is newer than checkpoint_final.pth")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("apply-temperature", help="rescale the probabilities of .npz files: normalize(p ** (1/T))")
@@ -120,6 +181,51 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("-t", type=float, help="temperature T > 0")
     group.add_argument("--calibration-json", help="take T from a calibration.json written by calibrate")
     p.set_defaults(func=cmd_apply_temperature)
+
+    p = sub.add_parser("benchmark", help="paper-style table (Dice, HD95, ECE, CECE, NLL, Brier) of trained models vs stock nnU-Net")
+    p.add_argument("-d", nargs="+", required=True, help="dataset names or ids")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-f", nargs="+", required=True, help="folds, e.g. 0 1 2 3 4")
+    p.add_argument("-tr", nargs="+", required=True, help="trainers, e.g. nnUNetTrainer nnUNetTrainerMbLS nnUNetTrainerLS")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("--baseline", default="nnUNetTrainer", help="trainer the paired differences refer to (default nnUNetTrainer)")
+    p.add_argument("--train", action="store_true", help="train unfinished folds here (interrupted ones continue)")
+    p.add_argument("--collect", action="store_true", help="only build the table from finished folds; list missing ones")
+    p.add_argument("--epochs", type=int, help="override the trainers' number of epochs (short schedules; default: the trainer's)")
+    p.add_argument("--iterations", type=int, help="override the iterations per epoch (default: the trainer's)")
+    p.add_argument("-device", default=default_device(), help="device for training and validation (default: cuda if available, else cpu)")
+    p.add_argument("-o", default="benchmark", help="output folder (default ./benchmark): <o>/<dataset>/results.md ...")
+    jobs = p.add_argument_group("cluster jobs")
+    jobs.add_argument("--emit-jobs", metavar="DIR", help="write one shell command per unfinished cell to DIR/jobs.txt plus a SLURM array script, and stop")
+    jobs.add_argument("-num_gpus", type=int, default=1, help="GPUs per job (nnU-Net DDP via nnUNetv2_train -num_gpus)")
+    jobs.add_argument("--device-for-jobs", help="pass -device to the emitted nnU-Net commands (e.g. cpu)")
+    jobs.add_argument("--slurm-gpus", type=int, help="GPUs requested per SLURM job (default: -num_gpus)")
+    jobs.add_argument("--slurm-time", default="48:00:00", help="SLURM time limit per job (default 48:00:00)")
+    jobs.add_argument("--slurm-cpus", type=int, default=12, help="CPUs per SLURM job (default 12)")
+    jobs.add_argument("--slurm-mem", default="64G", help="memory per SLURM job (default 64G)")
+    jobs.add_argument("--slurm-partition", help="SLURM partition")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a generated dataset (CPU is fine): stock nnU-Net vs MbLS")
+    p.add_argument("-o", default="nnunet_mbls_demo", help="output folder (default ./nnunet_mbls_demo); nnU-Net's path variables win when set")
+    p.add_argument("--quick", action="store_true", help="tiny dataset and schedule (a smoke test, about 2 minutes)")
+    p.add_argument("-tr", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerMbLS"], help="trainers (default: stock and MbLS)")
+    p.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--epochs", type=int, help="override the schedule's epochs (default 50, quick 2)")
+    p.add_argument("--iterations", type=int, help="override iterations per epoch (default 20, quick 3)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dataset", help="write an nnU-Net raw dataset: synthetic, ch2-deepgm (real MRI anatomy), totalseg-abdomen (real CT)")
+    p.add_argument("kind", choices=["synthetic", "ch2-deepgm", "totalseg-abdomen"])
+    p.add_argument("--raw", help="nnU-Net raw folder (default $nnUNet_raw)")
+    p.add_argument("--id", type=int, help="dataset id (default 990 synthetic, 991 ch2-deepgm, 992 totalseg-abdomen)")
+    p.add_argument("-n", "--num-cases", type=int, default=20, help="number of cases (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs="+", help="synthetic only: 2 (2D) or 3 (3D) sizes, e.g. 96 96 or 32 48 48")
+    p.add_argument("--ignore-label", action="store_true", help="synthetic only: add an ignore label")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.set_defaults(func=cmd_dataset)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-import matplotlib
+import matplotlib.style
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ class NnUNet:
             nnUNet_compile="f",
             nnUNet_def_n_proc="1",
             OMP_NUM_THREADS="2",
+            PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # emitted jobs call nnU-Net by name
         )
 
     def run(self, *args: str, training: bool = False, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,75 @@
+"""``nnunet-mbls benchmark``: train (optionally), calibrate and tabulate a grid of nnU-Net models.
+
+For each dataset × configuration × fold × trainer: train when ``train`` is set and the fold is not
+finished (interrupted folds continue from their latest checkpoint), run the calibration step where
+it is missing (stock nnU-Net trainers included), then write ``<out>/<dataset>/results.{md,csv,json}``
+and the plots. ``collect_only`` skips training and calibration and reports the missing cells.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from .grid import Cell, make_grid
+from .report import build_results, write_results
+
+
+def dataset_description(dataset: str) -> str:
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    path = Path(nnUNet_preprocessed) / dataset / "dataset.json" if nnUNet_preprocessed else None
+    if path is None or not path.is_file():
+        return ""
+    return json.loads(path.read_text()).get("description", "")
+
+
+def prepare_cell(cell: Cell, train: bool, device: str, epochs: int | None, iterations: int | None,
+                 logs: Path, log: Callable[[str], None]) -> None:
+    """Train (if asked and unfinished) and calibrate (if missing) one cell."""
+    from .calibrate import calibrate_trained_model
+    from .training import train_cell
+
+    if cell.is_calibrated():
+        log(f"done already: {cell.label()}")
+        return
+    if not cell.is_trained():
+        if not train:
+            log(f"not trained (pass --train, or use --emit-jobs): {cell.label()}")
+            return
+        logs.mkdir(parents=True, exist_ok=True)
+        log(f"training {cell.label()} (nnU-Net output in {logs})")
+        train_cell(cell, device, epochs, iterations, log_file=logs / f"{cell.trainer}__{cell.configuration}__fold_{cell.fold}.log")
+    if not cell.is_calibrated():
+        log(f"calibrating {cell.label()}")
+        calibrate_trained_model(cell.dataset, cell.configuration, cell.fold, cell.trainer, cell.plans, device=device)
+
+
+def run_benchmark(
+    datasets: list[str | int],
+    configuration: str,
+    folds: list[str | int],
+    trainers: list[str],
+    plans: str = "nnUNetPlans",
+    train: bool = False,
+    collect_only: bool = False,
+    baseline: str | None = "nnUNetTrainer",
+    out: str | os.PathLike = "benchmark",
+    device: str = "cuda",
+    epochs: int | None = None,
+    iterations: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Path]:
+    """Run the benchmark; returns dataset name -> results.md path."""
+    cells = make_grid(datasets, configuration, folds, trainers, plans)
+    out = Path(out)
+    if not collect_only:
+        for cell in cells:
+            prepare_cell(cell, train, device, epochs, iterations, out / cell.dataset / "logs", log)
+    written = {}
+    for dataset in dict.fromkeys(c.dataset for c in cells):
+        results = build_results([c for c in cells if c.dataset == dataset], baseline)
+        written[dataset] = write_results(dataset, results, out / dataset, dataset_description(dataset))
+    return written

@@ -1,0 +1,58 @@
+"""The benchmark grid: one cell per (dataset, configuration, fold, trainer), and what is done in it."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One trained model of the benchmark: nnU-Net's (dataset, configuration, fold, trainer, plans)."""
+
+    dataset: str  # DatasetXXX_Name
+    configuration: str
+    fold: str
+    trainer: str
+    plans: str = "nnUNetPlans"
+
+    @property
+    def folder(self) -> Path:
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+        return Path(get_output_folder(self.dataset, self.trainer, self.plans, self.configuration, self.fold))
+
+    @property
+    def dataset_id(self) -> int:
+        return int(self.dataset[len("Dataset") : len("Dataset") + 3])
+
+    def is_trained(self) -> bool:
+        return (self.folder / "checkpoint_final.pth").is_file()
+
+    def is_calibrated(self) -> bool:
+        """calibration.json exists and is not older than the final checkpoint."""
+        calibration, checkpoint = self.folder / "calibration.json", self.folder / "checkpoint_final.pth"
+        return (
+            calibration.is_file()
+            and checkpoint.is_file()
+            and calibration.stat().st_mtime >= checkpoint.stat().st_mtime
+        )
+
+    def label(self) -> str:
+        return f"{self.dataset} {self.configuration} fold {self.fold} {self.trainer}"
+
+
+def dataset_name(dataset: str | int) -> str:
+    """DatasetXXX_Name for an id or a name (nnU-Net's lookup in nnUNet_raw/preprocessed/results)."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
+
+
+def make_grid(datasets, configuration: str, folds, trainers, plans: str = "nnUNetPlans") -> list[Cell]:
+    """All cells, dataset-major, then fold, then trainer (so a partial run has every trainer per fold)."""
+    return [
+        Cell(dataset_name(d), configuration, str(f), t, plans)
+        for d, f, t in itertools.product(datasets, folds, trainers)
+    ]
