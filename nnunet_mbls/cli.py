@@ -230,8 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RuntimeError) as error:
+        # errors of bad input or missing prerequisites: one clear line (set NNUNET_MBLS_DEBUG=1 for the traceback)
+        if os.environ.get("NNUNET_MBLS_DEBUG"):
+            raise
+        print(f"nnunet-mbls {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
