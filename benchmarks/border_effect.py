@@ -30,7 +30,7 @@ def main() -> None:
     gt = gt_folder_for(args.fold_folder)
     dataset_json = json.loads((args.fold_folder.parent / "dataset.json").read_text())
     labels = LabelInfo.from_dataset_json(dataset_json)
-    cases = match_cases(gt, args.fold_folder / "validation")
+    cases = match_cases(gt, args.fold_folder / "validation", chill=True)
     reader = reader_for(dataset_json, next(iter(cases.values()))[0])
     rows = {"all": ([], []), "without band": ([], [])}
     confidence = {"band": [], "interior": []}

@@ -51,6 +51,33 @@ def gt_folder_for(output_folder: Path) -> Path:
     return gt
 
 
+def train_command(folder: Path, *extra: str) -> str:
+    """The ``nnUNetv2_train`` command of a fold folder <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_k."""
+    parts = folder.resolve().parent.name.split("__")
+    if len(parts) != 3 or not folder.name.startswith("fold_"):
+        return " ".join(("nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS",) + extra)
+    trainer, plans, configuration = parts
+    dataset, fold = folder.resolve().parent.parent.name, folder.name[len("fold_"):]
+    return " ".join((f"nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}",) + extra)
+
+
+def validation_cases_of_fold(folder: Path) -> list[str] | None:
+    """The fold's validation cases from nnUNet_preprocessed/<dataset>/splits_final.json (None if unknown)."""
+    import json
+
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    fold = folder.name[len("fold_"):]
+    if fold == "all":
+        return None  # validated on every training case: whatever gt_segmentations holds
+    splits_file = Path(nnUNet_preprocessed) / folder.resolve().parent.parent.name / "splits_final.json"
+    if not fold.isdigit() or not splits_file.is_file():
+        return None
+    splits = json.loads(splits_file.read_text())
+    # nnU-Net draws a random split (not saved) for a fold beyond the file's folds
+    return sorted(splits[int(fold)]["val"]) if int(fold) < len(splits) else None
+
+
 def metric_summary(evaluation: dict) -> dict:
     """The part of an evaluation that calibration.json keeps: means over cases and pooled values."""
     return {"mean": evaluation["mean"], "pooled": evaluation["pooled"]}
@@ -63,27 +90,44 @@ def calibrate_output_folder(
     region: str = "fg",
     log: Callable[..., None] = print,
     progress: bool = True,
+    expected_cases: list[str] | None = None,
 ) -> dict:
-    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files."""
+    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files.
+
+    ``expected_cases``: the fold's validation cases (the trainer passes its own split); by default they are read
+    from ``splits_final.json``. A missing ``.npz`` among them is an error, never a silently smaller fit.
+    """
     folder = Path(output_folder)
     validation = folder / "validation"
     if not validation.is_dir() or not any(validation.glob("*.npz")):
         raise CalibrationStepError(
-            f"{validation} has no .npz probabilities; run nnUNetv2_train ... --val --npz (or nnunet-mbls calibrate, "
-            f"which does it for you)"
+            f"{validation} has no .npz probabilities; run {train_command(folder, '--val --npz')} first "
+            f"(or nnunet-mbls calibrate, which does it for you)"
         )
     import json
 
     dataset_json = json.loads((folder.parent / "dataset.json").read_text())
     gt = gt_folder_for(folder)
+    expected = sorted(expected_cases) if expected_cases is not None else validation_cases_of_fold(folder)
+    if expected is not None:
+        absent = [case for case in expected if not (validation / f"{case}.npz").is_file()]
+        if absent:
+            raise CalibrationStepError(
+                f"{validation} lacks the probabilities of validation cases {absent[:10]}"
+                f"{' ...' if len(absent) > 10 else ''} ({len(absent)} of {len(expected)}; interrupted validation?); "
+                f"run {train_command(folder, '--val --npz')} first"
+            )
     subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
+    # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
     before = evaluate_folder(
-        gt, validation, dataset_json, region=region, progress=progress,
+        gt, validation, dataset_json, region=region, progress=progress, chill=True,
         on_case=lambda case, probs, ref, mask: subsample.add(torch.from_numpy(probs), torch.from_numpy(ref), torch.from_numpy(mask)),
     )
     log_probs, target = subsample.arrays()
     temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
-    after = evaluate_folder(gt, validation, dataset_json, region=region, temperature=temperature, progress=progress)
+    after = evaluate_folder(gt, validation, dataset_json, region=region, temperature=temperature, progress=progress,
+                            chill=True)
+    at_bound = "lower" if temperature <= T_BOUNDS[0] else "upper" if temperature >= T_BOUNDS[1] else None
 
     details = folder / "calibration"
     atomic_write_json(details / "evaluation_before.json", before)
@@ -106,6 +150,7 @@ def calibrate_output_folder(
     summary = {
         "temperature": temperature,
         "temperature_bounds": list(T_BOUNDS),
+        "temperature_at_bound": at_bound,
         "fit": {
             "objective": "mean NLL of softmax(log p / T)",
             "voxels": "uniform subsample of the voxels inside nnU-Net's crop box of every validation case, ignore label excluded",
@@ -126,6 +171,13 @@ def calibrate_output_folder(
         f"{after['mean']['ece']:.4f}, NLL {before['mean']['nll']:.4f} -> {after['mean']['nll']:.4f}"
         + (f"; wrote {calibrated}" if calibrated else "")
     )
+    if at_bound:
+        log(
+            f"nnunet-mbls calibration: T hit the {at_bound} bound {temperature:g} of {list(T_BOUNDS)}: "
+            + ("nearly every validation voxel is already right, so the NLL keeps falling as T shrinks"
+               if at_bound == "lower" else "the validation predictions are mostly wrong, so the NLL prefers uniform probabilities")
+            + "; the fit carries little information (a tiny or degenerate validation set?)"
+        )
     return summary
 
 

@@ -43,7 +43,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     dataset_json = json.loads(Path(args.djfile).read_text()) if args.djfile else None
     result = evaluate_folder(args.ref, args.pred, dataset_json, region=args.region, n_bins=args.bins,
-                             boundary_width=args.boundary_width)
+                             boundary_width=args.boundary_width, chill=args.chill)
     out = Path(args.o) if args.o else Path(args.pred) / f"calibration_metrics_{args.region}.json"
     atomic_write_json(out, result)
     png = out.with_suffix(".png")
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="voxels scored: fg = ground truth != 0 (the paper's, default), all = inside nnU-Net's crop box, boundary = band around label boundaries")
     p.add_argument("--bins", type=int, default=15, help="equal-width confidence bins (default 15)")
     p.add_argument("--boundary-width", type=int, default=2, help="half-width in voxels of the boundary band (default 2)")
+    p.add_argument("--chill", action="store_true",
+                   help="evaluate only the predicted cases (e.g. one fold's validation/ against all of gt_segmentations), as nnUNetv2_evaluate_folder -chill")
     p.add_argument("-o", help="output JSON (default: PRED/calibration_metrics_<region>.json); a reliability PNG is written next to it")
     p.set_defaults(func=cmd_evaluate)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -86,8 +85,18 @@ def reference_ending(path: Path) -> str:
     return path.suffix
 
 
-def match_cases(ref_folder: Path, pred_folder: Path) -> dict[str, tuple[Path, Path]]:
-    """case id -> (reference file, npz file); errors name missing and extra cases."""
+def _some(names: list[str], limit: int = 10) -> str:
+    """``names`` for a message: the first ``limit`` and how many more."""
+    return str(names[:limit])[:-1] + (f", ... ({len(names) - limit} more)]" if len(names) > limit else "]")
+
+
+def match_cases(ref_folder: Path, pred_folder: Path, chill: bool = False) -> dict[str, tuple[Path, Path]]:
+    """case id -> (reference file, npz file); errors name cases that are only on one side.
+
+    Probabilities without a reference are always an error. References without probabilities are an
+    error unless ``chill`` (as nnU-Net's ``nnUNetv2_evaluate_folder -chill``): then only the predicted
+    cases are evaluated, e.g. one fold's ``validation/`` against all of ``gt_segmentations``.
+    """
     if not pred_folder.is_dir():
         raise EvaluationError(f"prediction folder {pred_folder} does not exist")
     if not ref_folder.is_dir():
@@ -104,7 +113,17 @@ def match_cases(ref_folder: Path, pred_folder: Path) -> dict[str, tuple[Path, Pa
             refs[r.name[: -len(reference_ending(r))]] = r
     missing = sorted(set(preds) - set(refs))
     if missing:
-        raise EvaluationError(f"cases {missing} have probabilities in {pred_folder} but no reference in {ref_folder}")
+        raise EvaluationError(
+            f"cases {_some(missing)} have probabilities in {pred_folder} but no reference in {ref_folder}"
+        )
+    unpredicted = sorted(set(refs) - set(preds))
+    if unpredicted and not chill:
+        raise EvaluationError(
+            f"references {_some(unpredicted)} ({len(unpredicted)} of {len(refs)}) have no probabilities (.npz) in "
+            f"{pred_folder}: the predictions are incomplete (an interrupted nnUNetv2_predict?) or cover a subset "
+            f"(one fold's validation cases); to evaluate only the {len(preds)} predicted cases pass --chill "
+            f"(chill=True; as nnUNetv2_evaluate_folder -chill)"
+        )
     return {case: (refs[case], preds[case]) for case in preds}
 
 
@@ -115,16 +134,34 @@ def load_probabilities(case: str, npz_file: Path) -> tuple[np.ndarray, dict]:
             if "probabilities" not in data:
                 raise EvaluationError(f"case {case}: {npz_file} has no 'probabilities' array (keys {list(data)})")
             probs = data["probabilities"].astype(np.float32, copy=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        if isinstance(e, EvaluationError):
-            raise
-        raise EvaluationError(f"case {case}: cannot read {npz_file} ({e}); the file is corrupt or not an npz") from e
+    except EvaluationError:
+        raise
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, ValueError, KeyError ...: all mean a broken file
+        raise EvaluationError(
+            f"case {case}: cannot read {npz_file} ({type(e).__name__}: {e}); the file is corrupt, truncated or not "
+            f"an npz: rerun the prediction for this case"
+        ) from e
     properties = {}
     pkl = npz_file.with_suffix(".pkl")
     if pkl.is_file():
-        with open(pkl, "rb") as f:
-            properties = pickle.load(f)
+        try:
+            with open(pkl, "rb") as f:
+                properties = pickle.load(f)
+        except Exception as e:
+            raise EvaluationError(
+                f"case {case}: cannot read {pkl} ({type(e).__name__}: {e}); the file is corrupt or truncated: "
+                f"rerun the prediction for this case"
+            ) from e
     return probs, properties
+
+
+def read_reference(case: str, reader, ref_file: Path) -> tuple[np.ndarray, dict]:
+    """(*spatial) int64 reference labels and the image properties (spacing) of one case."""
+    try:
+        seg, seg_properties = reader.read_seg(str(ref_file))
+    except Exception as e:
+        raise EvaluationError(f"case {case}: cannot read the reference {ref_file} ({type(e).__name__}: {e})") from e
+    return seg[0].astype(np.int64), seg_properties
 
 
 def check_case(case: str, probs: np.ndarray, ref: np.ndarray, labels: LabelInfo) -> None:
@@ -138,6 +175,11 @@ def check_case(case: str, probs: np.ndarray, ref: np.ndarray, labels: LabelInfo)
         )
     if not np.isfinite(probs).all():
         raise EvaluationError(f"case {case}: probabilities contain NaN or Inf")
+    lo, hi = float(probs.min()), float(probs.max())
+    if lo < 0 or hi > 1 + PROBABILITY_SUM_TOLERANCE:
+        raise EvaluationError(
+            f"case {case}: probabilities lie in [{lo:.4g}, {hi:.4g}], outside [0, 1]; pass softmax probabilities, not logits"
+        )
     sums = probs.sum(0)
     worst = float(np.abs(sums - 1).max())
     if worst > PROBABILITY_SUM_TOLERANCE:
@@ -196,17 +238,21 @@ def evaluate_folder(
     boundary_width: int = 2,
     progress: bool = True,
     on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    chill: bool = False,
 ) -> dict:
     """Evaluate every ``.npz`` in ``pred_folder`` against ``ref_folder``; see the module docstring.
 
     ``temperature``: apply normalize(p ** (1/T)) before every metric. ``on_case(case, probs, ref,
     mask_all)`` is called for each case (used to collect a temperature-fit subsample in the same pass).
+    ``chill``: references without probabilities are skipped instead of being an error (see :func:`match_cases`).
+    Every problem raises :class:`EvaluationError` naming the case; nothing is written here, so a caller that
+    writes the result afterwards leaves no partial output behind.
     Returns ``{"per_case": {...}, "mean": {...}, "pooled": {...}, "reliability": {...}, ...}``.
     """
     if region not in REGIONS:
         raise ValueError(f"region={region!r} is invalid: choose one of {REGIONS}")
     ref_folder, pred_folder = Path(ref_folder), Path(pred_folder)
-    cases = match_cases(ref_folder, pred_folder)
+    cases = match_cases(ref_folder, pred_folder, chill=chill)
     if dataset_json is None:
         found = find_dataset_json(pred_folder, ref_folder)
         if found is None:
@@ -222,8 +268,7 @@ def evaluate_folder(
     per_case: dict[str, dict] = {}
     for case, (ref_file, npz_file) in tqdm(cases.items(), desc=f"evaluating ({region})", disable=not progress):
         probs, properties = load_probabilities(case, npz_file)
-        seg, seg_properties = reader.read_seg(str(ref_file))
-        ref = seg[0].astype(np.int64)
+        ref, seg_properties = read_reference(case, reader, ref_file)
         check_case(case, probs, ref, labels)
         if temperature is not None:
             probs = apply_temperature(probs, temperature)

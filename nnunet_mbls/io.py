@@ -23,8 +23,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     the temporary file is removed in every failure case.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from e
     os.close(fd)
     try:
         write(tmp)
@@ -34,9 +37,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}; nothing was changed there") from e
+            raise _write_error(path, e) from e
         raise
     return path
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    message = f"could not write {path}: {e.strerror or e}; nothing was changed there"
+    return OSError(e.errno, message) if e.errno is not None else OSError(message)
 
 
 def _umask() -> int:

@@ -1,39 +1,14 @@
 """nnUNetTrainer subclasses; nnU-Net finds them through nnUNet_extTrainer (see ``nnunet-mbls env``)."""
 
+from . import variants
 from .base import nnUNetTrainerCalibrated
-from .variants import (
-    nnUNetTrainerCE,
-    nnUNetTrainerECP,
-    nnUNetTrainerFocal,
-    nnUNetTrainerLS,
-    nnUNetTrainerMbLS,
-    nnUNetTrainerMbLS_m0,
-    nnUNetTrainerMbLS_m2,
-    nnUNetTrainerMbLS_m5,
-    nnUNetTrainerMbLS_m8,
-    nnUNetTrainerMbLS_m15,
-    nnUNetTrainerMbLS_m20,
-    nnUNetTrainerMbLSDice,
-    nnUNetTrainerNACL,
-    nnUNetTrainerSVLS,
-)
+from .variants import *  # noqa: F401,F403
 
-#: every trainer users can pass to ``nnUNetv2_train -tr``, in display order
+#: every trainer users can pass to ``nnUNetv2_train -tr``, in the order they are defined
 TRAINERS = [
-    nnUNetTrainerMbLS,
-    nnUNetTrainerMbLSDice,
-    nnUNetTrainerCE,
-    nnUNetTrainerFocal,
-    nnUNetTrainerLS,
-    nnUNetTrainerECP,
-    nnUNetTrainerSVLS,
-    nnUNetTrainerNACL,
-    nnUNetTrainerMbLS_m0,
-    nnUNetTrainerMbLS_m2,
-    nnUNetTrainerMbLS_m5,
-    nnUNetTrainerMbLS_m8,
-    nnUNetTrainerMbLS_m15,
-    nnUNetTrainerMbLS_m20,
+    cls
+    for cls in vars(variants).values()
+    if isinstance(cls, type) and issubclass(cls, nnUNetTrainerCalibrated) and cls is not nnUNetTrainerCalibrated
 ]
 
 __all__ = [cls.__name__ for cls in TRAINERS] + ["nnUNetTrainerCalibrated", "TRAINERS"]

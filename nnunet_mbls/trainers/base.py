@@ -17,11 +17,10 @@ import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
-from torch import distributed as dist
 
 from ..losses import LOSSES, build_loss
 from ..losses.registry import USES_NNUNET_DICE
-from .online_ece import ONLINE_ECE_KEY, OnlineECE, add_online_ece_to_logger
+from .online_ece import ONLINE_ECE_KEY, OnlineECE, add_online_ece_to_logger, sum_over_ranks
 
 
 def deep_supervision_weights(num_scales: int, is_ddp: bool, compiled: bool) -> np.ndarray:
@@ -85,8 +84,11 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         if not math.isfinite(float(result["loss"])):
             raise FloatingPointError(
                 f"{self.__class__.__name__}: the training loss became {float(result['loss'])} at epoch "
-                f"{self.current_epoch}; the network diverged (NaN/Inf logits). Lower the learning rate or "
-                f"check the input data for NaN/Inf; checkpoint_latest.pth holds the last finite state."
+                f"{self.current_epoch}: the network diverged (NaN/Inf logits) or the batch holds NaN/Inf. Training "
+                f"stopped so that no NaN model is saved. Check the images for NaN/Inf (nnUNetv2_plan_and_preprocess "
+                f"--verify_dataset_integrity) or lower the learning rate; checkpoint_best.pth and checkpoint_latest.pth "
+                f"(written every {self.save_every} epochs) hold earlier finite states, and nnUNetv2_train ... --c "
+                f"resumes from checkpoint_latest.pth."
             )
         return result
 
@@ -110,9 +112,7 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         states = collate_outputs(val_outputs)[ONLINE_ECE_KEY].sum(0)
         if self.is_ddp:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, states)
-            states = np.sum(gathered, axis=0)
+            states = sum_over_ranks(states)
         for output in val_outputs:
             output.pop(ONLINE_ECE_KEY)
         super().on_validation_epoch_end(val_outputs)
@@ -130,4 +130,5 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         if self.local_rank == 0:
             from ..calibrate import calibrate_output_folder
 
-            calibrate_output_folder(self.output_folder, log=self.print_to_log_file)
+            _, val_keys = self.do_split()
+            calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys))

@@ -35,6 +35,17 @@ def add_online_ece_to_logger(logger) -> None:
     local.load_checkpoint = load_checkpoint
 
 
+def sum_over_ranks(state: np.ndarray) -> np.ndarray:
+    """Sum a flat state vector over the DDP ranks (every rank gets the sum); unchanged without DDP."""
+    from torch import distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return state
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return np.sum(gathered, axis=0)
+
+
 class OnlineECE:
     """Foreground (ground truth ≠ 0, not ignored) top-label ECE of validation batches."""
 

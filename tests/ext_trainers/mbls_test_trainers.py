@@ -3,10 +3,12 @@
 Found by nnU-Net through nnUNet_extTrainer like the real ones; only the budget differs.
 """
 
+import os
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_mbls.trainers import nnUNetTrainerCE, nnUNetTrainerMbLS, nnUNetTrainerMbLSDice
+from nnunet_mbls.trainers import nnUNetTrainerCE, nnUNetTrainerFocal, nnUNetTrainerMbLS, nnUNetTrainerMbLSDice
 
 
 class ShortBudget:
@@ -34,3 +36,21 @@ class nnUNetTrainerCE_test(ShortBudget, nnUNetTrainerCE):
 
 class nnUNetTrainerStock_test(ShortBudget, nnUNetTrainer):
     """Stock nnU-Net Dice+CE with the test budget (no nnunet-mbls code involved)."""
+
+
+class nnUNetTrainerFocal_resume_test(ShortBudget, nnUNetTrainerFocal):
+    """Focal loss with the test budget, checkpoint_latest.pth every epoch and a simulated crash.
+
+    With MBLS_TEST_CRASH_AFTER_EPOCH=k the run stops with an error right after epoch k ended
+    (its checkpoint written), like a killed job; ``nnUNetv2_train ... --c`` then resumes it.
+    """
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.save_every = 1
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        if os.environ.get("MBLS_TEST_CRASH_AFTER_EPOCH") == str(epoch):
+            raise RuntimeError(f"simulated crash after epoch {epoch} (MBLS_TEST_CRASH_AFTER_EPOCH)")
