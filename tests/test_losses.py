@@ -136,6 +136,33 @@ def test_loss_matches_naive_reference(name, spatial, with_ignore):
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
+def test_chunked_evaluation_gives_the_same_value_and_gradient(name, monkeypatch):
+    from nnunet_mbls.losses import fused
+
+    logits, target = make_inputs((5, 6, 7), with_ignore=True, seed=9)
+    loss = build_loss(name, ignore_label=IGNORE, **DEFAULTS.get(name, {}))
+    results = []
+    for chunk in (fused.CHUNK_ELEMENTS, 7):  # one chunk, then many uneven ones (and several slabs)
+        monkeypatch.setattr(fused, "CHUNK_ELEMENTS", chunk)
+        x = logits.float().requires_grad_()
+        value = loss(x, target)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+
+
+def test_margin_penalty_gradient_is_exact_and_shares_ties():
+    from nnunet_mbls.losses import margin_penalty_map
+
+    x = (torch.randn(2, 4, 3, 5, dtype=torch.float64) * 3).requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: margin_penalty_map(v, 1.0), (x,))
+    tied = torch.tensor([[[5.0], [5.0], [-10.0]]], requires_grad=True)  # (B=1, C=3, 1 voxel), two maxima
+    margin_penalty_map(tied, 1.0).sum().backward()
+    assert tied.grad[0, :, 0].tolist() == [0.5, 0.5, -1.0]  # the penalised class's -1 is shared by the maxima
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_ignored_voxels_get_no_gradient_and_do_not_change_the_loss(name):
     logits, target = make_inputs((5, 6), with_ignore=True, seed=1)
     kwargs = DEFAULTS.get(name, {"margin": 1.0, "lam": 0.3})
@@ -218,6 +245,27 @@ def test_mbls_dice_is_nnunet_dice_ce_plus_the_margin_penalty():
     got = MbLSDiceLoss(margin=2.0, lam=0.5, ignore_label=IGNORE, batch_dice=True)(logits.float(), target)
     assert penalty > 0.01
     assert got.item() == pytest.approx(reference.item() + penalty, rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+@pytest.mark.parametrize("with_ignore", [False, True], ids=["no_ignore", "ignore"])
+def test_mbls_dice_value_and_gradient_equal_nnunet_dice_ce_plus_penalty_by_autograd(batch_dice, with_ignore):
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    logits, target = make_inputs((5, 6, 4), with_ignore, seed=10)
+    ignore = IGNORE if with_ignore else None
+    x_ref, x = logits.float().requires_grad_(), logits.float().requires_grad_()
+    dc_ce = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                           weight_ce=1, weight_dice=1, ignore_label=ignore, dice_class=MemoryEfficientSoftDiceLoss)
+    gap = (x_ref.max(dim=1, keepdim=True).values - x_ref - 2.0).clamp_min(0).sum(dim=1)  # plain autograd penalty
+    keep = torch.ones_like(target[:, 0], dtype=torch.bool) if ignore is None else target[:, 0] != ignore
+    reference = dc_ce(x_ref, target) + 0.5 / 3 * gap[keep].mean()
+    reference.backward()
+    got = MbLSDiceLoss(margin=2.0, lam=0.5, ignore_label=ignore, batch_dice=batch_dice)(x, target)
+    got.backward()
+    assert got.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_losses_do_not_mutate_inputs():

@@ -6,6 +6,7 @@ Both consume one case at a time as ``probs (C, *spatial)``, ``target (*spatial)`
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -94,10 +95,13 @@ def iter_chunks(
 
 
 def check_probs(p: Tensor) -> None:
-    """Raise ValueError unless the probabilities ``p`` (any shape) are finite and in [0, 1]."""
-    if not bool(torch.isfinite(p).all()):
+    """Raise ValueError unless the probabilities ``p`` (any shape) are finite and in [0, 1].
+
+    One ``aminmax`` pass: NaN propagates into both results and ±Inf lands in one of them.
+    """
+    lo, hi = (float(v) for v in torch.aminmax(p))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("probabilities contain NaN/Inf; check the network output or the saved .npz file")
-    lo, hi = float(p.min()), float(p.max())
     if lo < 0.0 or hi > 1.0 + 1e-3:
         raise ValueError(
             f"probs must be probabilities in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
@@ -107,9 +111,9 @@ def check_probs(p: Tensor) -> None:
 
 def check_labels(t: Tensor, num_classes: int) -> None:
     """Raise ValueError naming the offending values unless every label in ``t`` lies in [0, num_classes)."""
-    bad = (t < 0) | (t >= num_classes)
-    if bool(bad.any()):
-        values = torch.unique(t[bad])[:10].tolist()
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0 or hi >= num_classes:
+        values = torch.unique(t[(t < 0) | (t >= num_classes)])[:10].tolist()
         raise ValueError(
             f"target contains labels {values} outside [0, {num_classes}) among the included voxels; "
             "exclude the ignore label with the mask (region_mask(..., ignore_label=...)) or check num_classes"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nnunet_mbls.calibration._inputs import CHUNK_VOXELS, check_positive_int, flatten_case, iter_chunks
+from nnunet_mbls.calibration._inputs import check_positive_int, flatten_case, iter_chunks
 
 METRIC_KEYS = ("ece", "cece", "nll", "brier")
 NLL_FLOOR = 1e-12  #: p_target is clamped to at least this before the log
@@ -35,7 +35,17 @@ NLL_FLOOR = 1e-12  #: p_target is clamped to at least this before the log
 
 def bin_index(p: Tensor, n_bins: int) -> Tensor:
     """Bin of each probability: clamp(ceil(p * n_bins) - 1, 0, n_bins - 1) as int64, same shape as ``p``."""
-    return (torch.ceil(p * n_bins).long() - 1).clamp_(0, n_bins - 1)
+    return _float_bin_index(p, n_bins).long()
+
+
+def _float_bin_index(p: Tensor, n_bins: int) -> Tensor:
+    """:func:`bin_index` as a new float tensor of p's dtype (small integers are exact; float ops are faster)."""
+    return (p * n_bins).ceil_().sub_(1).clamp_(0, n_bins - 1)
+
+
+#: Elements (classes x voxels) per update chunk: the (C, n) temporaries (up to 8 MiB) are reused by the
+#: allocator; much larger chunks are slower (fresh pages), much smaller ones pay per-call overhead.
+METRIC_CHUNK_ELEMENTS = 2**20
 
 
 class CalibrationAccumulator:
@@ -59,7 +69,7 @@ class CalibrationAccumulator:
     def __init__(self, num_classes: int, n_bins: int = 15) -> None:
         self.num_classes = check_positive_int("num_classes", num_classes, 3)
         self.n_bins = check_positive_int("n_bins", n_bins, 15)
-        self.chunk_voxels = CHUNK_VOXELS
+        self.chunk_voxels = max(1, METRIC_CHUNK_ELEMENTS // self.num_classes)
         self._states = self._zeros(torch.device("cpu"))
 
     def _zeros(self, device: torch.device) -> dict[str, Tensor]:
@@ -98,23 +108,33 @@ class CalibrationAccumulator:
             self._states[k] += delta[k]
 
     def _add_chunk(self, s: dict[str, Tensor], p: Tensor, t: Tensor) -> None:
-        """Accumulate p (C, n) float, t (n,) int64 into the state dict ``s``."""
+        """Accumulate p (C, n) float, t (n,) int64 into the state dict ``s``.
+
+        Each histogram is one ``bincount`` over an index that also carries a hit bit (2 * bin + hit),
+        so counts and hits come out of the same pass: top-label bins with hit = (prediction == target),
+        class bins (offset by 2 * n_bins per class) with hit = (target == class).
+        """
         c, nb = self.num_classes, self.n_bins
         f64 = torch.float64
-        conf, pred = p.max(dim=0)
-        b = bin_index(conf, nb)
-        s["top_count"] += torch.bincount(b, minlength=nb).to(f64)
-        s["top_conf"] += torch.bincount(b, weights=conf.to(f64), minlength=nb)
-        s["top_acc"] += torch.bincount(b, weights=(pred == t).to(f64), minlength=nb)
-        flat_bins = bin_index(p, nb) + (torch.arange(c, device=p.device) * nb)[:, None]  # (C, n) in [0, C*nb)
-        s["cls_count"] += torch.bincount(flat_bins.reshape(-1), minlength=c * nb).view(c, nb).to(f64)
-        prob_sums = torch.bincount(flat_bins.reshape(-1), weights=p.reshape(-1).to(f64), minlength=c * nb)
-        s["cls_prob"] += prob_sums.view(c, nb)
-        true_bins = flat_bins.gather(0, t[None]).squeeze(0)  # bin of p_target, offset by the target class
-        s["cls_freq"] += torch.bincount(true_bins, minlength=c * nb).view(c, nb).to(f64)
-        pt = p.gather(0, t[None])  # (1, n)
-        s["nll_sum"] -= torch.log(pt.clamp(min=NLL_FLOOR)).sum(dtype=f64)
-        s["brier_sum"] += p.scatter(0, t[None], 1.0 - pt).square().sum(dtype=f64)  # sum_k (p_k - onehot_k)^2
+        conf = p.amax(dim=0)
+        p_target = p.gather(0, t[None])  # (1, n)
+        hit = p_target[0] == conf  # the target class has the top probability ...
+        if int(torch.count_nonzero(p == conf)) != conf.numel():  # ... ties: the prediction is the first maximum
+            hit = p.max(dim=0).indices == t
+        top = _float_bin_index(conf, nb).mul_(2).add_(hit).long()
+        top_counts = torch.bincount(top, minlength=2 * nb).view(nb, 2).to(f64)
+        s["top_count"] += top_counts.sum(dim=1)
+        s["top_acc"] += top_counts[:, 1]
+        s["top_conf"] += torch.bincount(top, weights=conf.to(f64), minlength=2 * nb).view(nb, 2).sum(dim=1)
+        classes = torch.arange(c, device=p.device, dtype=p.dtype)[:, None]
+        cls = _float_bin_index(p, nb).mul_(2).add_(t[None] == classes).add_(classes * 2 * nb).long().reshape(-1)
+        cls_counts = torch.bincount(cls, minlength=2 * c * nb).view(c, nb, 2).to(f64)
+        s["cls_count"] += cls_counts.sum(dim=2)
+        s["cls_freq"] += cls_counts[:, :, 1]
+        s["cls_prob"] += torch.bincount(cls, weights=p.reshape(-1).to(f64), minlength=2 * c * nb).view(c, nb, 2).sum(2)
+        s["nll_sum"] -= torch.log(p_target.clamp(min=NLL_FLOOR)).sum(dtype=f64)
+        # sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_target + 1 per voxel
+        s["brier_sum"] += (p * p).sum(dtype=f64) - 2 * p_target.sum(dtype=f64) + t.numel()
         s["n_voxels"] += t.numel()
 
     def compute(self) -> dict[str, float | int]:

@@ -29,7 +29,7 @@ from nnunet_mbls.calibration.metrics import NLL_FLOOR
 from nnunet_mbls.io import atomic_write
 
 LOG_FLOOR = math.log(NLL_FLOOR)  #: log-probabilities are floored here in the fit (same floor as the NLL metric)
-_ROWS_PER_CHUNK = 2**20
+_ROWS_PER_CHUNK = 2**16  # (rows, C) temporaries stay in cache
 
 
 def _check_temperature(T: float) -> float:
@@ -128,7 +128,10 @@ class VoxelSubsampler:
     generator seeded with ``seed``, and the ``max_voxels`` voxels with the smallest keys are kept. The
     result is a uniform sample without replacement of all voxels seen so far (so large cases contribute
     proportionally more, as in a pooled fit), deterministic for a seed and the same sequence of ``add``
-    calls. Memory: max_voxels x (C float32 + int64 label + float64 key), plus one chunk of a case.
+    calls. Candidates are merged lazily: a voxel enters only if its key is below the ``max_voxels``-th
+    smallest key at the last merge, and the smallest ``max_voxels`` are selected again only when twice
+    that many rows are held (and by :meth:`arrays`), so a long stream costs few selections.
+    Memory: at most 2 x max_voxels x (C float32 + int64 label + float64 key), plus one chunk of a case.
     """
 
     def __init__(self, max_voxels: int = 1_000_000, seed: int = 0) -> None:
@@ -136,50 +139,61 @@ class VoxelSubsampler:
         self.chunk_voxels = CHUNK_VOXELS
         self.n_seen = 0
         self._gen = torch.Generator().manual_seed(int(seed))
-        self._keys = torch.empty(0, dtype=torch.float64)
-        self._logp: Tensor | None = None
-        self._target = torch.empty(0, dtype=torch.int64)
+        self._parts: list[tuple[Tensor, Tensor, Tensor]] = []  # (keys (n,), log_probs (n, C), target (n,))
+        self._rows = 0  # rows held in _parts
+        self._threshold = math.inf  # keys must be below it to enter
+        self._num_classes: int | None = None
 
     def __len__(self) -> int:
-        return int(self._target.numel())
+        return min(self._rows, self.max_voxels)
 
     def add(
         self, probs: Tensor | np.ndarray, target: Tensor | np.ndarray, mask: Tensor | np.ndarray | None = None
     ) -> None:
         """Offer the voxels of one case: probs (C, *spatial), target (*spatial) int, mask (*spatial) bool or None."""
         p_flat, t_flat, m_flat = flatten_case(probs, target, mask)
-        if self._logp is not None and p_flat.shape[0] != self._logp.shape[1]:
-            raise ValueError(f"probs has {p_flat.shape[0]} classes but earlier cases had {self._logp.shape[1]}; "
+        if self._num_classes is not None and p_flat.shape[0] != self._num_classes:
+            raise ValueError(f"probs has {p_flat.shape[0]} classes but earlier cases had {self._num_classes}; "
                              "use one subsampler per dataset")
-        saved = (self._keys, self._logp, self._target, self.n_seen, self._gen.get_state())
+        saved = (list(self._parts), self._rows, self._threshold, self.n_seen, self._gen.get_state())
         try:
             for p, t in iter_chunks(p_flat, t_flat, m_flat, self.chunk_voxels):
                 self._offer(p, t)
         except BaseException:  # a bad chunk rejects the whole case: restore the sample and the generator
-            self._keys, self._logp, self._target, self.n_seen = saved[:4]
+            self._parts, self._rows, self._threshold, self.n_seen = saved[:4]
             self._gen.set_state(saved[4])
             raise
+        if self._rows:
+            self._num_classes = p_flat.shape[0]
 
     def _offer(self, p: Tensor, t: Tensor) -> None:
-        """Merge one checked chunk, p (C, n) and t (n,) int64, into the sample."""
+        """Add the candidates of one checked chunk, p (C, n) and t (n,) int64."""
         keys = torch.rand(t.numel(), generator=self._gen, dtype=torch.float64)
         self.n_seen += t.numel()
-        if len(self) >= self.max_voxels:  # only keys below the current k-th smallest can enter
-            keep = keys < self._keys.max()
-            keys, p, t = keys[keep], p[:, keep.to(p.device)], t[keep.to(t.device)]
-        logp = p.T.float().log().cpu()  # (n, C), -inf where p == 0
-        self._logp = logp if self._logp is None else torch.cat([self._logp, logp])
-        self._keys = torch.cat([self._keys, keys])
-        self._target = torch.cat([self._target, t.cpu()])
-        if len(self) > self.max_voxels:
-            idx = torch.topk(self._keys, self.max_voxels, largest=False).indices
-            self._keys, self._logp, self._target = self._keys[idx], self._logp[idx], self._target[idx]
+        if self._threshold < math.inf:  # only keys below the max_voxels-th smallest so far can enter
+            index = torch.nonzero(keys < self._threshold).squeeze(1)
+            keys, p, t = keys[index], p.index_select(1, index.to(p.device)), t[index.to(t.device)]
+        self._parts.append((keys, p.T.float().log().cpu(), t.cpu()))  # log: -inf where p == 0
+        self._rows += keys.numel()
+        if self._rows > 2 * self.max_voxels:
+            self._merge()
+
+    def _merge(self) -> None:
+        """Concatenate the parts; keep the max_voxels rows with the smallest keys (sorted by key) if there are more."""
+        keys, logp, target = (torch.cat(columns) for columns in zip(*self._parts))
+        if keys.numel() > self.max_voxels:
+            index = torch.topk(keys, self.max_voxels, largest=False).indices
+            keys, logp, target = keys[index], logp[index], target[index]
+            self._threshold = float(keys.max())
+        self._parts, self._rows = [(keys, logp, target)], keys.numel()
 
     def arrays(self) -> tuple[Tensor, Tensor]:
         """Sampled ``log_probs`` (N, C) float32 (log of the given probabilities) and ``target`` (N,) int64."""
-        if self._logp is None:
+        if not self._parts:
             raise ValueError("no voxel was added; call add() with at least one non-empty case first")
-        return self._logp, self._target
+        self._merge()
+        _, logp, target = self._parts[0]
+        return logp, target
 
 
 def apply_temperature(probs: Tensor | np.ndarray, T: float) -> Tensor | np.ndarray:

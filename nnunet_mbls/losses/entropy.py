@@ -5,7 +5,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SegmentationLoss, check_unit_interval, cross_entropy_map, float32_no_autocast, masked_mean
+from .base import SegmentationLoss, check_unit_interval, float32_no_autocast, masked_mean
+from .fused import VoxelTerms, nll, subtract_onehot_, voxelwise_loss
+
+
+class _EntropyPenaltyTerms(VoxelTerms):
+    """Per voxel −log p_y + w · Σ_k p_k log p_k.
+
+    Gradient: softmax − onehot + w · p_k (log p_k − Σ_j p_j log p_j).
+    """
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def value(self, x: Tensor, t: Tensor) -> Tensor:
+        log_p = torch.log_softmax(x, dim=1)
+        return nll(log_p, t).add_((log_p.exp() * log_p).sum(dim=1), alpha=self.weight)
+
+    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, t: Tensor) -> Tensor:
+        log_p = torch.log_softmax(x, dim=1)  # finite even where p underflows to 0, unlike log(p)
+        p = log_p.exp()
+        neg_entropy = (p * log_p).sum(dim=1, keepdim=True)
+        d = log_p.sub_(neg_entropy).mul_(self.weight).add_(1).mul_(p)  # p + w · p (log p − Σ p log p)
+        return subtract_onehot_(d, t).mul_(grad)
 
 
 class EntropyPenaltyLoss(SegmentationLoss):
@@ -16,6 +38,7 @@ class EntropyPenaltyLoss(SegmentationLoss):
         ignore_label: label value whose voxels are excluded, or None.
 
     Shapes: logits (B, C, *spatial), target (B, 1, *spatial) or (B, *spatial) -> scalar.
+    Evaluated chunk-wise with a hand-written gradient (see :mod:`nnunet_mbls.losses.fused`).
     """
 
     def __init__(self, alpha: float = 0.1, ignore_label: int | None = None) -> None:
@@ -29,7 +52,5 @@ class EntropyPenaltyLoss(SegmentationLoss):
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, mask = self.prepare(logits, target)
-        log_p = torch.log_softmax(logits, dim=1)
-        entropy = -(log_p.exp() * log_p).sum(dim=1)
-        per_voxel = cross_entropy_map(logits, target) - (self.alpha / logits.shape[1]) * entropy
+        per_voxel = voxelwise_loss(logits, _EntropyPenaltyTerms(self.alpha / logits.shape[1]), target)
         return masked_mean(per_voxel, mask)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-from .base import SegmentationLoss, check_unit_interval, cross_entropy_map, float32_no_autocast, masked_mean
+from .base import SegmentationLoss, check_unit_interval, float32_no_autocast, masked_mean
 
 
 class LabelSmoothingLoss(SegmentationLoss):
@@ -31,6 +31,6 @@ class LabelSmoothingLoss(SegmentationLoss):
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, mask = self.prepare(logits, target)
-        nll = cross_entropy_map(logits, target)
-        mean_neg_log_p = torch.logsumexp(logits, dim=1) - logits.mean(dim=1)
-        return masked_mean((1 - self.alpha) * nll + self.alpha * mean_neg_log_p, mask)
+        # torch's label smoothing is exactly this target: one log_softmax instead of log_softmax + logsumexp
+        per_voxel = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.alpha)
+        return masked_mean(per_voxel, mask)

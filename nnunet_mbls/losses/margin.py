@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .base import (
-    SegmentationLoss,
-    check_non_negative,
-    cross_entropy_map,
-    float32_no_autocast,
-    masked_mean,
-)
+from .base import SegmentationLoss, check_non_negative, float32_no_autocast, masked_mean
+from .fused import VoxelTerms, subtract_onehot_, voxelwise_loss
+
+
+def _penalty_gradient(shifted: Tensor, margin: float) -> Tensor:
+    """d/dx Σ_k relu(max − x_k − m) as a (B, C, n) tensor, from ``shifted`` = x − max, whose storage it reuses.
+
+    d/dx_k = 1[x_k = max] · n_active / n_max − 1[x_k < max − m], with n_active the number of penalised
+    classes and n_max the number of classes at the maximum (ties share it equally, as with ``amax``);
+    m >= 0 ensures that a penalised class is never a maximum. The indicators are written as floats by
+    comparisons with ``out=`` (bool tensors and their reductions are slow on the CPU).
+    """
+    penalised = torch.lt(shifted, -margin, out=torch.empty_like(shifted))
+    n_active = penalised.sum(dim=1, keepdim=True)
+    is_max = torch.eq(shifted, 0, out=shifted)
+    return is_max.mul_(n_active.div_(is_max.sum(dim=1, keepdim=True))).sub_(penalised)
+
+
+class _MarginTerms(VoxelTerms):
+    """Per voxel [cross entropy, when a label map t is given] + weight · Σ_k relu(max_j l_j − l_k − m)."""
+
+    def __init__(self, margin: float, weight: float) -> None:
+        self.margin, self.weight = margin, weight
+
+    def value(self, x: Tensor, *t: Tensor) -> Tensor:
+        shifted = x - x.amax(dim=1, keepdim=True)  # <= 0, 0 at the maximum
+        value = torch.add(shifted, self.margin).clamp_max_(0).sum(dim=1).mul_(-self.weight)  # w Σ relu(-s - m)
+        if not t:
+            return value
+        value.sub_(shifted.gather(1, t[0]).squeeze(1))  # + cross entropy log Σ_k exp(s_k) − s_y
+        return value.add_(shifted.exp_().sum(dim=1).log_())
+
+    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, *t: Tensor) -> Tensor:
+        shifted = x - x.amax(dim=1, keepdim=True)
+        if not t:
+            return _penalty_gradient(shifted, self.margin).mul_(grad).mul_(self.weight)
+        cross_entropy = subtract_onehot_(torch.softmax(shifted, dim=1), *t)  # before shifted is overwritten
+        return cross_entropy.add_(_penalty_gradient(shifted, self.margin), alpha=self.weight).mul_(grad)
 
 
 def margin_penalty_map(logits: Tensor, margin: float) -> Tensor:
-    """Σ_k relu(max_j l_j − l_k − margin) per voxel: (B, C, *spatial) -> (B, *spatial)."""
-    max_logit = logits.max(dim=1, keepdim=True).values
-    return (max_logit - logits - margin).clamp_min(0).sum(dim=1)
+    """Σ_k relu(max_j l_j − l_k − margin) per voxel: (B, C, *spatial) -> (B, *spatial); margin >= 0."""
+    return voxelwise_loss(logits, _MarginTerms(margin, 1.0))
 
 
 class MbLSLoss(SegmentationLoss):
@@ -45,9 +76,7 @@ class MbLSLoss(SegmentationLoss):
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, mask = self.prepare(logits, target)
-        per_voxel = cross_entropy_map(logits, target)
-        if self.lam > 0:
-            per_voxel = per_voxel + (self.lam / logits.shape[1]) * margin_penalty_map(logits, self.margin)
+        per_voxel = voxelwise_loss(logits, _MarginTerms(self.margin, self.lam / logits.shape[1]), target)
         return masked_mean(per_voxel, mask)
 
 

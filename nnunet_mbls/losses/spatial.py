@@ -1,9 +1,11 @@
 """Losses whose targets are spatially smoothed one-hot labels: SVLS and NACL.
 
-Both convolve one-hot labels with a small depthwise kernel. Ignored voxels contribute nothing to
-their neighbours' smoothed labels: their one-hot vector is zero. SVLS (replicate padding, kernel
-summing to one) renormalises by the convolved validity mask, which changes nothing where no voxel is
-ignored; NACL treats ignored voxels like its zero padding, as MONAI does at image borders.
+Both convolve one-hot labels with a small kernel. Ignored voxels contribute nothing to their
+neighbours' smoothed labels: their one-hot vector is zero. SVLS (replicate padding, kernel summing to
+one) renormalises by the convolved validity mask (= the sum of the smoothed vector), which changes
+nothing where no voxel is ignored; NACL treats ignored voxels like its zero padding, as MONAI does at
+image borders. Both kernels are applied as separable passes (the SVLS kernel is a separable Gaussian
+plus a centre term), and the losses are evaluated by :func:`nnunet_mbls.losses.fused.voxelwise_loss`.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from .base import (
     check_odd_kernel,
     check_positive,
     check_unit_interval,
-    cross_entropy_map,
     float32_no_autocast,
     masked_mean,
 )
+from . import fused
+from .fused import VoxelTerms, nll, subtract_onehot_, voxelwise_loss
 
 
 def svls_kernel(sigma: float, spatial_dims: int) -> Tensor:
@@ -40,26 +43,84 @@ def svls_kernel(sigma: float, spatial_dims: int) -> Tensor:
     return kernel / kernel.sum()
 
 
-def one_hot_masked(target: Tensor, num_classes: int, mask: Tensor | None) -> Tensor:
-    """(B, *spatial) int64 -> (B, C, *spatial) float32 one-hot, zero vectors where mask is False."""
-    onehot = torch.zeros((target.shape[0], num_classes) + target.shape[1:], device=target.device)
-    onehot.scatter_(1, target[:, None], 1.0)
-    if mask is not None:
-        onehot *= mask[:, None]
-    return onehot
+def _check_spatial_dims(logits: Tensor) -> None:
+    if logits.ndim - 2 not in (2, 3):
+        raise ValueError(f"spatially smoothed losses need 2D or 3D inputs, got logits of shape {tuple(logits.shape)}")
 
 
-def depthwise_smooth(x: Tensor, kernel: Tensor, padding_mode: str) -> Tensor:
-    """Convolve every channel of x (B, C, *spatial) with ``kernel`` (k,)*d; same-size output."""
-    spatial_dims = x.ndim - 2
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"spatially smoothed losses need 2D or 3D inputs, got logits of shape {tuple(x.shape)}")
-    channels, radius = x.shape[1], kernel.shape[0] // 2
-    weight = kernel.to(x).expand((channels, 1) + kernel.shape)
-    conv = F.conv2d if spatial_dims == 2 else F.conv3d
-    if padding_mode == "replicate":
-        return conv(F.pad(x, (radius,) * (2 * spatial_dims), mode="replicate"), weight, groups=channels)
-    return conv(x, weight, padding=radius, groups=channels)
+def _pad_labels(labels: Tensor, radius: int, replicate: bool, fill: int) -> Tensor:
+    """Pad every spatial axis of ``labels`` (B, *spatial) int64 by ``radius``: edge labels repeated, or ``fill``."""
+    if not replicate:
+        return F.pad(labels, (radius,) * (2 * (labels.ndim - 1)), value=fill)
+    for axis in range(1, labels.ndim):
+        n = labels.shape[axis]
+        labels = labels.index_select(axis, torch.arange(-radius, n + radius, device=labels.device).clamp_(0, n - 1))
+    return labels
+
+
+def smoothed_onehot(labels: Tensor, num_classes: int, taps: list[float], centre_extra: float = 0.0,
+                    replicate: bool = False, normalise: bool = False) -> Tensor:
+    """onehot(labels) convolved with the kernel taps ⊗ ... ⊗ taps (one factor per spatial axis) plus
+    ``centre_extra`` at the centre: (B, *spatial) int64 -> (B, C, *spatial) float32.
+
+    Labels equal to ``num_classes`` (e.g. ignored voxels) have a zero one-hot vector. Borders: the
+    labels are replicated (``replicate``) or the one-hot is zero padded. ``normalise`` divides each
+    voxel's vector by its sum (a voxel whose whole neighbourhood is excluded gets zeros). The kernel is
+    separable, so each axis is a (2r+1)-tap pass, and the work is done in slabs along the first spatial
+    axis (one slab on CUDA) so that temporaries stay small (see :mod:`nnunet_mbls.losses.fused`).
+    """
+    radius = len(taps) // 2
+    padded = _pad_labels(labels, radius, replicate, fill=num_classes)
+    batch, depth = labels.shape[:2]
+    out = torch.empty((batch, num_classes) + labels.shape[1:], device=labels.device)
+    slab_elements = batch * (num_classes + 1) * math.prod(padded.shape[2:])
+    step = depth if labels.is_cuda else max(1, fused.CHUNK_ELEMENTS // slab_elements)
+    for start in range(0, depth, step):
+        block = padded[:, start : min(start + step, depth) + 2 * radius].unsqueeze(1)
+        onehot = torch.zeros((batch, num_classes + 1) + block.shape[2:], device=labels.device)
+        onehot = onehot.scatter_(1, block, 1.0)[:, :num_classes]
+        smooth, centre = onehot, onehot
+        for axis in range(2, onehot.ndim):
+            n = smooth.shape[axis] - 2 * radius
+            acc = smooth.narrow(axis, 0, n) * taps[0]
+            for offset in range(1, len(taps)):
+                acc.add_(smooth.narrow(axis, offset, n), alpha=taps[offset])
+            smooth, centre = acc, centre.narrow(axis, radius, n)
+        if centre_extra:
+            smooth.add_(centre, alpha=centre_extra)
+        if normalise:
+            smooth.div_(smooth.sum(dim=1, keepdim=True).clamp_min_(1e-12))
+        out[:, :, start : start + step] = smooth
+    return out
+
+
+def _excluded_as_extra_class(target: Tensor, mask: Tensor | None, num_classes: int) -> Tensor:
+    """Target with the ignored voxels set to ``num_classes``, which :func:`smoothed_onehot` leaves out."""
+    return target if mask is None else torch.where(mask, target, num_classes)
+
+
+class _SoftTargetTerms(VoxelTerms):
+    """Per voxel −Σ_k s_k log p_k for soft targets s summing to 1; gradient softmax − s."""
+
+    def value(self, x: Tensor, soft: Tensor) -> Tensor:
+        return (torch.log_softmax(x, dim=1) * soft).sum(dim=1).neg_()
+
+    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, soft: Tensor) -> Tensor:
+        return torch.softmax(x, dim=1).sub_(soft).mul_(grad)
+
+
+class _NACLTerms(VoxelTerms):
+    """Per voxel −log p_y + w · Σ_k |s_k − l_k|; gradient softmax − onehot + w · sign(l − s)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def value(self, x: Tensor, t: Tensor, soft: Tensor) -> Tensor:
+        return nll(torch.log_softmax(x, dim=1), t).add_((soft - x).abs_().sum(dim=1), alpha=self.weight)
+
+    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, t: Tensor, soft: Tensor) -> Tensor:
+        d = subtract_onehot_(torch.softmax(x, dim=1), t)
+        return d.add_(torch.sub(x, soft).sign_(), alpha=self.weight).mul_(grad)
 
 
 class SVLSLoss(SegmentationLoss):
@@ -84,13 +145,13 @@ class SVLSLoss(SegmentationLoss):
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, mask = self.prepare(logits, target)
-        kernel = svls_kernel(self.sigma, logits.ndim - 2)
-        soft = depthwise_smooth(one_hot_masked(target, logits.shape[1], mask), kernel, "replicate")
-        if mask is not None:
-            soft = soft / depthwise_smooth(mask[:, None].float(), kernel, "replicate").clamp_min(1e-12)
-        # Σ_k −s_k log p_k = logsumexp(l) − Σ_k s_k l_k since Σ_k s_k = 1
-        per_voxel = torch.logsumexp(logits, dim=1) - (soft * logits).sum(dim=1)
-        return masked_mean(per_voxel, mask)
+        _check_spatial_dims(logits)
+        num_classes, dims = logits.shape[1], logits.ndim - 2
+        # svls_kernel = Gaussian taps ⊗ taps (centre 1) with the centre raised to the sum of the neighbours
+        edge = math.exp(-1 / (2 * self.sigma**2))
+        soft = smoothed_onehot(_excluded_as_extra_class(target, mask, num_classes), num_classes, [edge, 1.0, edge],
+                               centre_extra=(1 + 2 * edge) ** dims - 2, replicate=True, normalise=True)
+        return masked_mean(voxelwise_loss(logits, _SoftTargetTerms(), soft), mask)
 
 
 class NACLLoss(SegmentationLoss):
@@ -118,8 +179,9 @@ class NACLLoss(SegmentationLoss):
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, mask = self.prepare(logits, target)
-        spatial_dims = logits.ndim - 2
-        kernel = torch.full((self.kernel_size,) * spatial_dims, 1.0 / self.kernel_size**spatial_dims)
-        smoothed = depthwise_smooth(one_hot_masked(target, logits.shape[1], mask), kernel, "zeros")
-        l1 = (smoothed - logits).abs().sum(dim=1) / logits.shape[1]
-        return masked_mean(cross_entropy_map(logits, target) + self.alpha * l1, mask)
+        _check_spatial_dims(logits)
+        num_classes = logits.shape[1]
+        taps = [1.0 / self.kernel_size] * self.kernel_size  # the mean filter is separable
+        smoothed = smoothed_onehot(_excluded_as_extra_class(target, mask, num_classes), num_classes, taps)
+        terms = _NACLTerms(self.alpha / num_classes)
+        return masked_mean(voxelwise_loss(logits, terms, target, smoothed), mask)
