@@ -16,6 +16,11 @@ Metrics, each given the whole case at once as its natural API takes it:
 The first call of each method (per size) is the warm-up and is profiled for memory; then
 ``--repeats`` timed calls (fewer, at least one, once ``--budget`` seconds are spent), median reported.
 
+Reading the input: the time ``np.load`` takes to read the same probabilities back from a compressed
+``.npz`` as nnU-Net writes them (``np.savez_compressed(..., probabilities=...)``, the input of
+``nnunet-mbls evaluate`` and ``calibrate``), to put the metric times in proportion (``--no-npz`` skips it;
+writing the file is not timed).
+
 Temperature: ``VoxelSubsampler(max_voxels=10^6)`` over the case then ``fit_temperature`` on the
 sample (what ``nnunet-mbls calibrate`` and the trainers do), against ``fit_temperature`` on all N
 voxels (log of the probabilities, transposed to (N, C), included in the time).
@@ -129,6 +134,23 @@ def bench_metrics(probs, target, args) -> list[dict]:
     return rows
 
 
+def bench_npz_read(probs, args) -> dict:
+    """Median time of np.load(...)["probabilities"] of a compressed nnU-Net-style .npz of ``probs``."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        path = os.path.join(tmp, "case.npz")
+        np.savez_compressed(path, probabilities=probs.numpy())
+        size = os.path.getsize(path)
+        times = timed_repeats(lambda: np.load(path)["probabilities"], CPU, args.repeats, args.budget)
+    n = probs.shape[1]
+    print(f"  {'read .npz':13s} N={n:.0e}: {median(times):8.3f} s ({size / MiB:.0f} MiB file)", flush=True)
+    return {"voxels": n, "method": "read .npz (np.load)", "times_s": times, "median_s": median(times),
+            "voxels_per_s": n / median(times), "file_bytes": size, "loadavg": load_average()}
+
+
 def subsample_then_fit(probs, target, max_voxels: int) -> float:
     sampler = VoxelSubsampler(max_voxels=max_voxels, seed=0)
     sampler.add(probs, target)
@@ -165,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="stop repeating a method at a size after this many seconds (at least one timed call)")
     parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     parser.add_argument("--max-voxels", type=int, default=1_000_000, help="VoxelSubsampler bound")
+    parser.add_argument("--no-npz", dest="npz", action="store_false", help="skip the .npz read reference")
+    parser.add_argument("--tmp", help="folder for the temporary .npz (default: the system's temp folder)")
     parser.add_argument("--json", metavar="OUT", help="write the raw numbers to this JSON file")
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -175,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         probs, target = make_case(int(size), args.classes)
         print(f"N = {int(size):.0e} (C = {args.classes}), load average {load_average()}", flush=True)
         metric_rows += bench_metrics(probs, target, args)
+        if args.npz:
+            metric_rows.append(bench_npz_read(probs, args))
         fit_rows += bench_temperature(probs, target, args)
         del probs, target
     info["loadavg_end"] = load_average()
@@ -184,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown_table(
         ["voxels", "method", "median (s)", "voxels/s", "speed-up vs torchmetrics", "peak extra (MiB)", "ECE"],
         [[f"{r['voxels']:.0e}", r["method"]] + ([r["median_s"], f"{r['voxels_per_s']:.3g}",
-          r.get("speedup_vs_torchmetrics", float("nan")), r["peak_extra_bytes"] / MiB, r["ece"]]
+          r.get("speedup_vs_torchmetrics", float("nan")), r.get("peak_extra_bytes", float("nan")) / MiB,
+          r.get("ece", float("nan"))]
           if "median_s" in r else ["skipped: " + r["skipped"], "", "", "", ""]) for r in metric_rows]))
     print("\n### Temperature fit\n")
     print(markdown_table(["voxels", "method", "median (s)", "peak extra (MiB)", "T"],

@@ -80,9 +80,13 @@ class MbLSLoss(SegmentationLoss):
         return masked_mean(per_voxel, mask)
 
 
-class MbLSDiceLoss(SegmentationLoss):
-    """nnU-Net's own Dice+CE (``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``, as in
-    ``nnUNetTrainer``) plus the MbLS margin penalty λ · mean relu(max_j l_j − l_k − m).
+class MbLSDiceLoss(MbLSLoss):
+    """nnU-Net's own Dice+CE plus the MbLS margin penalty λ · mean relu(max_j l_j − l_k − m).
+
+    The Dice term is nnU-Net's: its ``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss``, configured as
+    ``nnUNetTrainer`` does (including its ignore-label masking), with the CE weight set to 0. The CE and the
+    penalty are :class:`MbLSLoss`, which computes both in one chunked pass; the sum equals nnU-Net's
+    Dice+CE plus the penalty without evaluating the cross entropy twice.
 
     Args:
         margin, lam: as in :class:`MbLSLoss`.
@@ -104,28 +108,18 @@ class MbLSDiceLoss(SegmentationLoss):
         from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
-        super().__init__(ignore_label)
-        self.margin = check_non_negative("margin", margin)
-        self.lam = check_non_negative("lam", lam)
-        self.dc_and_ce = DC_and_CE_loss(
+        super().__init__(margin, lam, ignore_label)
+        self.nnunet_dice = DC_and_CE_loss(
             {"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": ddp},
             {},
-            weight_ce=1,
+            weight_ce=0,
             weight_dice=1,
             ignore_label=self.ignore_label,
             dice_class=MemoryEfficientSoftDiceLoss,
         )
 
-    @property
-    def hyper_parameters(self) -> dict[str, float]:
-        return {"margin": self.margin, "lam": self.lam}
-
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        prepared = self.prepare(logits, target)
+        ce_and_penalty = super().forward(logits, target)  # also validates the inputs
         # nnU-Net's loss wants (B, 1, *spatial) with the ignore label still in place
-        loss = self.dc_and_ce(prepared.logits, target if target.ndim == logits.ndim else target[:, None])
-        if self.lam > 0:
-            penalty = margin_penalty_map(prepared.logits, self.margin)
-            loss = loss + (self.lam / logits.shape[1]) * masked_mean(penalty, prepared.mask)
-        return loss
+        return self.nnunet_dice(logits.float(), target if target.ndim == logits.ndim else target[:, None]) + ce_and_penalty
