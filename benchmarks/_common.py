@@ -165,6 +165,8 @@ def median(values: list[float]) -> float:
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
+            if v != v:
+                return "–"  # not measured for this row
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
         return str(v)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping
 
@@ -62,7 +63,8 @@ def plot_reliability(
                 color = line.get_color()
             bottom.stairs(np.where(filled, count, np.nan), np.append(lower, upper[-1]), baseline=None,
                           color=color, linewidth=1.5, label=name)
-        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title)
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+        top.set_title(textwrap.fill(title, 55), fontsize=11)  # long dataset names would run off the figure
         top.set_aspect("auto")
         top.grid(True, alpha=0.3)
         top.legend(loc="upper left", fontsize=8)

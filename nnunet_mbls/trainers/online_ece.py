@@ -57,15 +57,18 @@ class OnlineECE:
 
     @torch.no_grad()
     def batch_state(self, logits: Tensor, target: Tensor, ignore_label: int | None = None) -> np.ndarray:
-        """Sums of one batch: logits (B, C, *spatial), target (B, 1, *spatial) -> flat float64 vector."""
+        """Sums of one batch: logits (B, C, *spatial), target (B, 1, *spatial) -> flat float64 vector.
+
+        The batch is one accumulator update over (C, B, *spatial): the states are sums over voxels, so
+        this equals adding the items one by one, at a fraction of the per-call overhead.
+        """
         accumulator = self._accumulator()
-        probs = torch.softmax(logits.float(), dim=1)
+        probs = torch.softmax(logits.float(), dim=1).movedim(1, 0)  # (C, B, *spatial)
         labels = target[:, 0].long()
-        for b in range(labels.shape[0]):
-            foreground = labels[b] != 0
-            if ignore_label is not None:
-                foreground &= labels[b] != ignore_label
-            accumulator.update(probs[b], torch.where(foreground, labels[b], 0), mask=foreground)
+        foreground = labels != 0
+        if ignore_label is not None:
+            foreground &= labels != ignore_label
+        accumulator.update(probs, torch.where(foreground, labels, 0), mask=foreground)
         return np.concatenate([t.detach().cpu().double().numpy().ravel() for t in accumulator.state_tensors()])
 
     def ece_from_state(self, state: np.ndarray) -> float:
