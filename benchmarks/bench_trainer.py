@@ -1,15 +1,19 @@
 """Training iteration time of nnunet-mbls trainers against stock ``nnUNetTrainer`` on the same data.
 
-Builds a small synthetic 3D dataset in a temporary nnU-Net folder, runs nnU-Net's own
-``nnUNetv2_plan_and_preprocess -c 3d_fullres``, then, in this process and on the CPU, builds every
+Builds a small synthetic dataset (3D, or 2D with ``--configuration 2d``) in a temporary nnU-Net folder,
+runs nnU-Net's own ``nnUNetv2_plan_and_preprocess -c CONFIGURATION``, then, in this process and on the CPU,
+builds every
 trainer with ``get_trainer_from_args``, initialises it, gives it the stock trainer's initial network
 weights, and times ``train_step`` (forward, deep-supervision loss, backward, gradient clipping, SGD
 step) on the same fixed batches: N batches are fetched once from the stock trainer's training data
 loader and reused by every trainer. Trainers alternate within each round (order rotated per round) so
 drift from other jobs hits all alike; the ratio is the median over rounds of t(trainer) / t(stock)
-within the round (wall time, and CPU time of this process).
+within the round (wall time, and CPU time of this process). The same is done for ``validation_step``
+(forward and loss without gradients; our trainers also collect the batch's foreground-ECE statistics
+there), on the same batches.
 
     python benchmarks/bench_trainer.py [--iterations 8] [--json OUT]
+    python benchmarks/bench_trainer.py --configuration 2d --shape 96 96 --cases 16
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def plan_and_preprocess(dataset_id: int, env: dict[str, str]) -> float:
     make_synthetic_dataset(env["nnUNet_raw"], dataset_id=dataset_id, name="BenchTrainer", num_cases=ARGS.cases,
                            shape=tuple(ARGS.shape), seed=0)
     command = [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
-               "-c", "3d_fullres", "-np", "1", "-npfp", "1"]
+               "-c", ARGS.configuration, "-np", "1", "-npfp", "1"]
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return time.perf_counter() - t0
 
@@ -69,7 +73,7 @@ def build_trainers(dataset_id: int, names: list[str]):
     os.environ["nnUNet_n_proc_DA"] = "0"  # training only (0 crashes plan_and_preprocess)
     trainers = {}
     for name in names:
-        trainer = get_trainer_from_args(str(dataset_id), "3d_fullres", 0, name, device=torch.device("cpu"))
+        trainer = get_trainer_from_args(str(dataset_id), ARGS.configuration, 0, name, device=torch.device("cpu"))
         trainer.initialize()
         trainers[name] = trainer
     reference = trainers[names[0]].network.state_dict()
@@ -84,10 +88,20 @@ def fetch_batches(trainer, n: int) -> list[dict]:
     return [next(loader) for _ in range(n)]
 
 
-def stepper(trainer, batches: list[dict]):
-    """A call that runs ``trainer.train_step`` on the next batch of ``batches`` (cycling)."""
+def stepper(trainer, kind: str, batches: list[dict]):
+    """A call that runs ``trainer.train_step`` or ``trainer.validation_step`` on the next batch (cycling);
+    validation under ``torch.no_grad()``, as nnU-Net's ``run_training`` calls it."""
+    import torch
+
     cycle = itertools.cycle(batches)
-    return lambda: trainer.train_step(next(cycle))
+    if kind == "train_step":
+        return lambda: trainer.train_step(next(cycle))
+
+    def validate():
+        with torch.no_grad():
+            return trainer.validation_step(next(cycle))
+
+    return validate
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -98,7 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--iterations", type=int, default=8, help="timed rounds (each trainer one step per round)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per trainer first")
     parser.add_argument("--batches", type=int, default=4, help="distinct batches fetched once and reused")
-    parser.add_argument("--shape", type=int, nargs=3, default=[48, 64, 64], help="synthetic case shape (z y x)")
+    parser.add_argument("--configuration", default="3d_fullres", choices=["3d_fullres", "2d"])
+    parser.add_argument("--shape", type=int, nargs="+", default=[48, 64, 64],
+                        help="synthetic case shape: z y x, or y x for a 2D dataset (default 48 64 64)")
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--dataset-id", type=int, default=987)
     parser.add_argument("--workdir", help="nnU-Net root folder (default: a temporary folder, removed afterwards)")
@@ -125,16 +141,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for i in range(ARGS.warmup):
                 trainers[name].train_step(batches[i % len(batches)])
         device = torch.device("cpu")
-        steps = {name: stepper(trainers[name], batches) for name in names}  # round r: batch r % len(batches)
-        timing = paired_rounds(steps, STOCK, ARGS.iterations, device)
-        rows = [{"trainer": name, **timing[name]} for name in names]
+        rows = []
+        for kind in ("train_step", "validation_step"):
+            steps = {name: stepper(trainers[name], kind, batches) for name in names}  # round r: batch r % len
+            timing = paired_rounds(steps, STOCK, ARGS.iterations, device)
+            rows += [{"step": kind, "trainer": name, **timing[name]} for name in names]
         info["loadavg_end"] = load_average()
-        print(f"\n### train_step, 3d_fullres, batch {patch}, CPU ({torch.get_num_threads()} threads), "
+        print(f"\n### {ARGS.configuration}, batch {patch}, CPU ({torch.get_num_threads()} threads), "
               f"{ARGS.iterations} rounds, load average {info['loadavg']} -> {info['loadavg_end']}\n")
-        print(markdown_table(["trainer", "train_step median (s)", "time / stock (median of rounds)",
+        print(markdown_table(["step", "trainer", "median (s)", "time / stock (median of rounds)",
                               "fastest / fastest stock", "CPU time / stock (median)"],
-                             [[r["trainer"], r["wall_median_s"], r["wall_ratio"], r["wall_min_ratio"], r["cpu_ratio"]]
-                              for r in rows]))
+                             [[r["step"], r["trainer"], r["wall_median_s"], r["wall_ratio"], r["wall_min_ratio"],
+                               r["cpu_ratio"]] for r in rows]))
         save_json(ARGS.json, {"machine": info, "args": vars(ARGS), "patch": patch, "plan_s": plan_s, "rows": rows})
     return rows
 
