@@ -22,7 +22,7 @@ class _EntropyPenaltyTerms(VoxelTerms):
         log_p = torch.log_softmax(x, dim=1)
         return nll(log_p, t).add_((log_p.exp() * log_p).sum(dim=1), alpha=self.weight)
 
-    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, t: Tensor) -> Tensor:
+    def gradient(self, x: Tensor, grad: Tensor, t: Tensor) -> Tensor:
         log_p = torch.log_softmax(x, dim=1)  # finite even where p underflows to 0, unlike log(p)
         p = log_p.exp()
         neg_entropy = (p * log_p).sum(dim=1, keepdim=True)

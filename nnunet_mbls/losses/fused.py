@@ -25,27 +25,19 @@ CHUNK_ELEMENTS = 2**18  #: elements of a (B, C, voxels) block processed at once 
 
 
 class VoxelTerms:
-    """A per-voxel loss and its gradient on chunks of voxels, optionally with per-image statistics.
+    """A per-voxel loss and its gradient on chunks of voxels.
 
     Arguments of both methods: logits ``x`` (B, C, n) float32, which must not be modified, and, last,
     the chunks of the targets given to :func:`voxelwise_loss`, each as (B, k, n): label maps as
-    (B, 1, n) int64, soft targets as (B, C, n), masks as (B, 1, n) float.
-
-    Terms with ``num_sums = K > 0`` also produce sums over the voxels per batch item (e.g. soft-Dice
-    statistics, which a caller combines into a non-voxel-wise loss): :meth:`value` then returns
-    (values, this chunk's (B, K) contribution) and :meth:`gradient` receives the gradient of the
-    total sums.
+    (B, 1, n) int64, soft targets as (B, C, n).
     """
 
-    num_sums = 0
-
-    def value(self, x: Tensor, *targets: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Per-voxel loss (B, n), and the chunk's sums (B, K) if ``num_sums``."""
+    def value(self, x: Tensor, *targets: Tensor) -> Tensor:
+        """Per-voxel loss (B, n)."""
         raise NotImplementedError
 
-    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, *targets: Tensor) -> Tensor:
-        """d(Σ_v grad_v · value_v + Σ grad_sums · sums) / d x as a new (B, C, n) tensor; grad (B, 1, n),
-        grad_sums (B, K)."""
+    def gradient(self, x: Tensor, grad: Tensor, *targets: Tensor) -> Tensor:
+        """d(Σ_v grad_v · value_v) / d x as a new (B, C, n) tensor; grad (B, 1, n)."""
         raise NotImplementedError
 
 
@@ -62,39 +54,33 @@ def _flat(t: Tensor, voxels: int) -> Tensor:
 
 class _VoxelwiseLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, terms: VoxelTerms, *targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, logits: Tensor, terms: VoxelTerms, *targets: Tensor) -> Tensor:
         ctx.save_for_backward(logits, *targets)
         ctx.terms = terms
         x = logits.reshape(logits.shape[0], logits.shape[1], -1)
         flat_targets = [_flat(t, x.shape[2]) for t in targets]
-        out, sums = x.new_empty(x.shape[0], x.shape[2]), x.new_zeros(x.shape[0], terms.num_sums)
+        out = x.new_empty(x.shape[0], x.shape[2])
         for s in voxel_chunks(x):
-            result = terms.value(x[:, :, s], *(t[:, :, s] for t in flat_targets))
-            if terms.num_sums:
-                result, chunk_sums = result
-                sums += chunk_sums
-            out[:, s] = result
-        return out.view(logits.shape[:1] + logits.shape[2:]), sums
+            out[:, s] = terms.value(x[:, :, s], *(t[:, :, s] for t in flat_targets))
+        return out.view(logits.shape[:1] + logits.shape[2:])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor, grad_sums: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         logits, *targets = ctx.saved_tensors
         x = logits.reshape(logits.shape[0], logits.shape[1], -1)
         flat_targets = [_flat(t, x.shape[2]) for t in targets]
         g = _flat(grad, x.shape[2])
         out = torch.empty_like(x)
         for s in voxel_chunks(x):
-            out[:, :, s] = ctx.terms.gradient(x[:, :, s], g[:, :, s], grad_sums, *(t[:, :, s] for t in flat_targets))
+            out[:, :, s] = ctx.terms.gradient(x[:, :, s], g[:, :, s], *(t[:, :, s] for t in flat_targets))
         return (out.view(logits.shape), None) + (None,) * len(targets)
 
 
-def voxelwise_loss(logits: Tensor, terms: VoxelTerms, *targets: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-    """Per-voxel loss map of ``terms``: logits (B, C, *sp) float, targets (B, *sp) label maps or masks or
-    (B, C, *sp) soft targets (no gradient flows into them) -> (B, *sp); with ``terms.num_sums`` also the
-    (B, K) sums."""
-    values, sums = _VoxelwiseLoss.apply(logits, terms, *targets)
-    return (values, sums) if terms.num_sums else values
+def voxelwise_loss(logits: Tensor, terms: VoxelTerms, *targets: Tensor) -> Tensor:
+    """Per-voxel loss map of ``terms``: logits (B, C, *sp) float, targets (B, *sp) label maps or
+    (B, C, *sp) soft targets (no gradient flows into them) -> (B, *sp)."""
+    return _VoxelwiseLoss.apply(logits, terms, *targets)
 
 
 def onehot(t: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:

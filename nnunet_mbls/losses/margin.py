@@ -37,7 +37,7 @@ class _MarginTerms(VoxelTerms):
         value.sub_(shifted.gather(1, t[0]).squeeze(1))  # + cross entropy log Σ_k exp(s_k) − s_y
         return value.add_(shifted.exp_().sum(dim=1).log_())
 
-    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, *t: Tensor) -> Tensor:
+    def gradient(self, x: Tensor, grad: Tensor, *t: Tensor) -> Tensor:
         shifted = x - x.amax(dim=1, keepdim=True)
         if not t:
             return _penalty_gradient(shifted, self.margin).mul_(grad).mul_(self.weight)
@@ -120,6 +120,7 @@ class MbLSDiceLoss(MbLSLoss):
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = logits.float()  # once, for both terms (fp16/bf16 under autocast)
         ce_and_penalty = super().forward(logits, target)  # also validates the inputs
         # nnU-Net's loss wants (B, 1, *spatial) with the ignore label still in place
-        return self.nnunet_dice(logits.float(), target if target.ndim == logits.ndim else target[:, None]) + ce_and_penalty
+        return self.nnunet_dice(logits, target if target.ndim == logits.ndim else target[:, None]) + ce_and_penalty

@@ -10,7 +10,6 @@ plus a centre term), and the losses are evaluated by :func:`nnunet_mbls.losses.f
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -29,17 +28,25 @@ from . import fused
 from .fused import VoxelTerms, nll, subtract_onehot_, voxelwise_loss
 
 
+def svls_taps(sigma: float, spatial_dims: int) -> tuple[list[float], float]:
+    """The SVLS authors' kernel in separable form, unnormalised: the 3-tap Gaussian [e, 1, e],
+    e = exp(−1 / (2σ²)), on every axis, plus ``centre_extra`` at the centre, which raises the centre
+    weight to the sum of its neighbours, (1 + 2e)^d − 1."""
+    check_positive("sigma", sigma)
+    edge = math.exp(-1 / (2 * sigma**2))
+    return [edge, 1.0, edge], (1 + 2 * edge) ** spatial_dims - 2
+
+
 def svls_kernel(sigma: float, spatial_dims: int) -> Tensor:
     """The SVLS authors' 3×3(×3) kernel: a Gaussian whose centre weight is replaced by the sum of
     its neighbours, normalised to sum 1. For σ = 1 in 2D: centre 0.5, edges 0.0778, corners 0.0472.
-    Returns shape (3,) * spatial_dims, float32.
+    Returns shape (3,) * spatial_dims, float32 (built from :func:`svls_taps`, which the loss uses).
     """
-    check_positive("sigma", sigma)
-    offsets = torch.tensor(list(itertools.product((-1.0, 0.0, 1.0), repeat=spatial_dims)))
-    kernel = torch.exp(-(offsets**2).sum(dim=1) / (2 * sigma**2)).reshape((3,) * spatial_dims)
-    centre = (1,) * spatial_dims
-    kernel[centre] = 0
-    kernel[centre] = kernel.sum()
+    taps, centre_extra = svls_taps(sigma, spatial_dims)
+    kernel = torch.ones(())
+    for _ in range(spatial_dims):
+        kernel = kernel[..., None] * torch.tensor(taps)
+    kernel[(1,) * spatial_dims] += centre_extra
     return kernel / kernel.sum()
 
 
@@ -105,7 +112,7 @@ class _SoftTargetTerms(VoxelTerms):
     def value(self, x: Tensor, soft: Tensor) -> Tensor:
         return (torch.log_softmax(x, dim=1) * soft).sum(dim=1).neg_()
 
-    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, soft: Tensor) -> Tensor:
+    def gradient(self, x: Tensor, grad: Tensor, soft: Tensor) -> Tensor:
         return torch.softmax(x, dim=1).sub_(soft).mul_(grad)
 
 
@@ -118,7 +125,7 @@ class _NACLTerms(VoxelTerms):
     def value(self, x: Tensor, t: Tensor, soft: Tensor) -> Tensor:
         return nll(torch.log_softmax(x, dim=1), t).add_((soft - x).abs_().sum(dim=1), alpha=self.weight)
 
-    def gradient(self, x: Tensor, grad: Tensor, grad_sums: Tensor, t: Tensor, soft: Tensor) -> Tensor:
+    def gradient(self, x: Tensor, grad: Tensor, t: Tensor, soft: Tensor) -> Tensor:
         d = subtract_onehot_(torch.softmax(x, dim=1), t)
         return d.add_(torch.sub(x, soft).sign_(), alpha=self.weight).mul_(grad)
 
@@ -146,11 +153,10 @@ class SVLSLoss(SegmentationLoss):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, mask = self.prepare(logits, target)
         _check_spatial_dims(logits)
-        num_classes, dims = logits.shape[1], logits.ndim - 2
-        # svls_kernel = Gaussian taps ⊗ taps (centre 1) with the centre raised to the sum of the neighbours
-        edge = math.exp(-1 / (2 * self.sigma**2))
-        soft = smoothed_onehot(_excluded_as_extra_class(target, mask, num_classes), num_classes, [edge, 1.0, edge],
-                               centre_extra=(1 + 2 * edge) ** dims - 2, replicate=True, normalise=True)
+        num_classes = logits.shape[1]
+        taps, centre_extra = svls_taps(self.sigma, logits.ndim - 2)
+        soft = smoothed_onehot(_excluded_as_extra_class(target, mask, num_classes), num_classes, taps,
+                               centre_extra=centre_extra, replicate=True, normalise=True)
         return masked_mean(voxelwise_loss(logits, _SoftTargetTerms(), soft), mask)
 
 
