@@ -47,6 +47,14 @@ def prepare_cell(cell: Cell, train: bool, device: str, epochs: int | None, itera
         calibrate_trained_model(cell.dataset, cell.configuration, cell.fold, cell.trainer, cell.plans, device=device)
 
 
+class BenchmarkCellsFailed(RuntimeError):
+    """Some cells failed; the others were done and the tables written (``written``: dataset -> results.md)."""
+
+    def __init__(self, failures: list[str], written: dict[str, Path]) -> None:
+        super().__init__(f"{len(failures)} cell(s) failed, the table holds the others: " + "; ".join(failures))
+        self.failures, self.written = failures, written
+
+
 def run_benchmark(
     datasets: list[str | int],
     configuration: str,
@@ -62,14 +70,27 @@ def run_benchmark(
     iterations: int | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Path]:
-    """Run the benchmark; returns dataset name -> results.md path."""
+    """Run the benchmark; returns dataset name -> results.md path.
+
+    A cell that fails (training, or a calibration step) is logged and skipped, so one bad fold does not stop
+    a grid; the tables are written from the finished cells and :class:`BenchmarkCellsFailed` is raised at
+    the end. Running the same command again resumes: a trained fold whose calibration step failed is only
+    calibrated, never trained again.
+    """
     cells = make_grid(datasets, configuration, folds, trainers, plans)
     out = Path(out)
+    failures = []
     if not collect_only:
         for cell in cells:
-            prepare_cell(cell, train, device, epochs, iterations, out / cell.dataset / "logs", log)
+            try:
+                prepare_cell(cell, train, device, epochs, iterations, out / cell.dataset / "logs", log)
+            except Exception as error:  # noqa: BLE001 - reported per cell and raised at the end
+                failures.append(f"{cell.label()}: {type(error).__name__}: {error}")
+                log(f"FAILED {failures[-1]}")
     written = {}
     for dataset in dict.fromkeys(c.dataset for c in cells):
         results = build_results([c for c in cells if c.dataset == dataset], baseline)
         written[dataset] = write_results(dataset, results, out / dataset, dataset_description(dataset))
+    if failures:
+        raise BenchmarkCellsFailed(failures, written)
     return written

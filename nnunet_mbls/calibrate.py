@@ -51,14 +51,31 @@ def gt_folder_for(output_folder: Path) -> Path:
     return gt
 
 
-def train_command(folder: Path, *extra: str) -> str:
-    """The ``nnUNetv2_train`` command of a fold folder <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_k."""
+def fold_identity(folder: Path) -> tuple[str, str, str, str, str] | None:
+    """(dataset, configuration, fold, trainer, plans) of <results>/<dataset>/<trainer>__<plans>__<configuration>/fold_k."""
     parts = folder.resolve().parent.name.split("__")
     if len(parts) != 3 or not folder.name.startswith("fold_"):
-        return " ".join(("nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS",) + extra)
+        return None
     trainer, plans, configuration = parts
-    dataset, fold = folder.resolve().parent.parent.name, folder.name[len("fold_"):]
+    return folder.resolve().parent.parent.name, configuration, folder.name[len("fold_"):], trainer, plans
+
+
+def train_command(folder: Path, *extra: str) -> str:
+    """The ``nnUNetv2_train`` command of a fold folder."""
+    identity = fold_identity(folder)
+    if identity is None:
+        return " ".join(("nnUNetv2_train DATASET CONFIGURATION FOLD -tr TRAINER -p PLANS",) + extra)
+    dataset, configuration, fold, trainer, plans = identity
     return " ".join((f"nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}",) + extra)
+
+
+def calibrate_command(folder: Path) -> str:
+    """The ``nnunet-mbls calibrate`` command that (re)does the calibration step of a fold folder."""
+    identity = fold_identity(folder)
+    if identity is None:
+        return "nnunet-mbls calibrate -d DATASET -c CONFIGURATION -f FOLD -tr TRAINER -p PLANS"
+    dataset, configuration, fold, trainer, plans = identity
+    return f"nnunet-mbls calibrate -d {dataset} -c {configuration} -f {fold} -tr {trainer} -p {plans}"
 
 
 def validation_cases_of_fold(folder: Path) -> list[str] | None:
@@ -119,14 +136,15 @@ def calibrate_output_folder(
             )
     subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
     # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
+    plans = folder.parent / "plans.json"  # nnU-Net writes it into every trainer folder
     before = evaluate_folder(
-        gt, validation, dataset_json, region=region, progress=progress, chill=True,
+        gt, validation, dataset_json, region=region, progress=progress, chill=True, plans=plans,
         on_case=lambda case, probs, ref, mask: subsample.add(torch.from_numpy(probs), torch.from_numpy(ref), torch.from_numpy(mask)),
     )
     log_probs, target = subsample.arrays()
     temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
     after = evaluate_folder(gt, validation, dataset_json, region=region, temperature=temperature, progress=progress,
-                            chill=True)
+                            chill=True, plans=plans)
     at_bound = "lower" if temperature <= T_BOUNDS[0] else "upper" if temperature >= T_BOUNDS[1] else None
 
     details = folder / "calibration"
@@ -192,7 +210,8 @@ def calibrate_trained_model(
 ) -> dict:
     """``nnunet-mbls calibrate``: the calibration step for any trained model, stock nnUNetTrainer included.
 
-    Runs nnU-Net's own final validation with probabilities first when ``validation/`` has no ``.npz``.
+    Runs nnU-Net's own final validation with probabilities first when ``validation/`` lacks the ``.npz`` of
+    a validation case (never validated with probabilities, or an interrupted validation).
     """
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
@@ -202,7 +221,9 @@ def calibrate_trained_model(
             f"{folder / 'checkpoint_final.pth'} does not exist: train first with "
             f"nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans} --npz"
         )
-    if not any((folder / "validation").glob("*.npz")):
+    expected = validation_cases_of_fold(folder)
+    have = {npz.name[: -len(".npz")] for npz in (folder / "validation").glob("*.npz")}
+    if not have or (expected is not None and not set(expected) <= have):
         run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device)
     return calibrate_output_folder(folder, **kwargs)
 

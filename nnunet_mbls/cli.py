@@ -98,15 +98,23 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         print(f"wrote {len(todo)} jobs to {args.emit_jobs}/jobs.txt ({len(done)} cells already finished); "
               f"see {args.emit_jobs}/README.txt")
         return 0
-    from .benchmark import run_benchmark
+    from .benchmark import BenchmarkCellsFailed, run_benchmark
 
-    written = run_benchmark(args.d, args.c, args.f, args.tr, args.p, train=args.train, collect_only=args.collect,
-                            baseline=args.baseline, out=args.o, device=args.device, epochs=args.epochs,
-                            iterations=args.iterations)
+    try:
+        written = run_benchmark(args.d, args.c, args.f, args.tr, args.p, train=args.train, collect_only=args.collect,
+                                baseline=args.baseline, out=args.o, device=args.device, epochs=args.epochs,
+                                iterations=args.iterations)
+    except BenchmarkCellsFailed as failed:
+        print_tables(failed.written)
+        raise
+    print_tables(written)
+    return 0
+
+
+def print_tables(written: dict) -> None:
     for path in written.values():
         print(path.read_text())
         print(f"written: {path.parent}/results.{{md,csv,json}}, reliability.png, ece_vs_dice.png")
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -119,23 +127,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     import os
+    import tempfile
 
     from . import data
 
-    raw = args.raw or os.environ.get("nnUNet_raw")
-    if not raw:
-        raise SystemExit("nnUNet_raw is not set: export it or pass --raw FOLDER")
-    common = dict(num_cases=args.num_cases, seed=args.seed, overwrite=args.overwrite)
-    if args.id is not None:
-        common["dataset_id"] = args.id
-    if args.kind == "synthetic":
-        shape = tuple(args.shape) if args.shape else (96, 96)
-        folder = data.make_synthetic_dataset(raw, shape=shape, ignore_label=args.ignore_label, **common)
-    elif args.kind == "ch2-deepgm":
-        folder = data.make_ch2_deepgm_dataset(raw, **common)
-    else:
-        folder = data.make_totalseg_abdomen_dataset(raw, **common)
-    print(f"wrote {folder}\nnext: nnUNetv2_plan_and_preprocess -d {folder.name[7:10].lstrip('0')} --verify_dataset_integrity")
+    synthetic_only = {"--shape": args.shape, "--ignore-label": args.ignore_label, "--channels": args.channels != 1,
+                      "--spacing": args.spacing}
+    given = [flag for flag, value in synthetic_only.items() if value]
+    if args.kind != "synthetic" and given:
+        raise ValueError(f"{', '.join(given)} only apply to the synthetic kind, not {args.kind}; drop them")
+    if args.layout == "nnunet" and args.test_cases:
+        raise ValueError(f"--test-cases {args.test_cases} is for --layout msd (MSD's imagesTs); drop it or add --layout msd")
+    out = args.o or args.raw or (os.environ.get("nnUNet_raw") if args.layout == "nnunet" else ".")
+    if not out:
+        raise ValueError("nnUNet_raw is not set: export it or pass -o FOLDER")
+
+    def build(root: str, num_cases: int):
+        common = dict(num_cases=num_cases, seed=args.seed, overwrite=args.overwrite)
+        if args.id is not None:
+            common["dataset_id"] = args.id
+        if args.kind == "synthetic":
+            return data.make_synthetic_dataset(root, shape=tuple(args.shape) if args.shape else (96, 96),
+                                               ignore_label=args.ignore_label, channels=args.channels,
+                                               spacing=args.spacing, **common)
+        if args.kind == "ch2-deepgm":
+            return data.make_ch2_deepgm_dataset(root, **common)
+        return data.make_totalseg_abdomen_dataset(root, **common)
+
+    if args.layout == "nnunet":
+        folder = build(out, args.num_cases)
+        print(f"wrote {folder}\nnext: nnUNetv2_plan_and_preprocess -d {folder.name[7:10].lstrip('0')} --verify_dataset_integrity")
+        return 0
+    with tempfile.TemporaryDirectory(prefix="nnunet_mbls_msd_") as tmp:
+        source = build(tmp, args.num_cases + args.test_cases)
+        dataset_id, name = int(source.name[7:10]), source.name[11:]
+        task = data.write_msd_task(source, out, dataset_id, name, args.test_cases, args.overwrite)
+    print(f"wrote {task} ({args.num_cases} training, {args.test_cases} test cases)\n"
+          f"next: nnUNetv2_convert_MSD_dataset -i {task} && nnUNetv2_plan_and_preprocess -d {dataset_id} "
+          f"--verify_dataset_integrity")
     return 0
 
 
@@ -218,13 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("dataset", help="write an nnU-Net raw dataset: synthetic, ch2-deepgm (real MRI anatomy), totalseg-abdomen (real CT)")
+    p = sub.add_parser("dataset", help="write a dataset (nnU-Net raw or MSD layout): synthetic, ch2-deepgm (real MRI anatomy), totalseg-abdomen (real CT)")
     p.add_argument("kind", choices=["synthetic", "ch2-deepgm", "totalseg-abdomen"])
-    p.add_argument("--raw", help="nnU-Net raw folder (default $nnUNet_raw)")
+    p.add_argument("-o", help="output folder (default: $nnUNet_raw for --layout nnunet, the current folder for --layout msd)")
+    p.add_argument("--raw", help=argparse.SUPPRESS)  # the earlier name of -o
+    p.add_argument("--layout", choices=["nnunet", "msd"], default="nnunet",
+                   help="nnunet: DatasetXXX_Name in nnU-Net's raw format (default); msd: a Medical Segmentation Decathlon "
+                        "TaskXXX_Name folder (4D NIfTI for several channels) for nnUNetv2_convert_MSD_dataset")
+    p.add_argument("--test-cases", type=int, default=0, help="msd layout: extra unlabelled cases in imagesTs (default 0)")
     p.add_argument("--id", type=int, help="dataset id (default 990 synthetic, 991 ch2-deepgm, 992 totalseg-abdomen)")
-    p.add_argument("-n", "--num-cases", type=int, default=20, help="number of cases (default 20)")
+    p.add_argument("-n", "--num-cases", type=int, default=20, help="number of training cases (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", type=int, nargs="+", help="synthetic only: 2 (2D) or 3 (3D) sizes, e.g. 96 96 or 32 48 48")
+    p.add_argument("--spacing", type=float, nargs="+", help="synthetic only: mm per axis, in the order of --shape (default 1)")
+    p.add_argument("--channels", type=int, default=1, help="synthetic only: input channels (default 1)")
     p.add_argument("--ignore-label", action="store_true", help="synthetic only: add an ignore label")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(func=cmd_dataset)

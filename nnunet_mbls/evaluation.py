@@ -27,6 +27,7 @@ from tqdm import tqdm
 from .calibration.metrics import METRIC_KEYS, CalibrationAccumulator, aggregate
 from .calibration.regions import region_mask
 from .calibration.temperature import apply_temperature
+from .geometry import GeometryError, crop_box, find_plans_file, transpose_forward_of
 
 REGIONS = ("fg", "all", "boundary")
 PROBABILITY_SUM_TOLERANCE = 1e-3
@@ -239,12 +240,16 @@ def evaluate_folder(
     progress: bool = True,
     on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     chill: bool = False,
+    plans: dict | str | os.PathLike | None = None,
 ) -> dict:
     """Evaluate every ``.npz`` in ``pred_folder`` against ``ref_folder``; see the module docstring.
 
     ``temperature``: apply normalize(p ** (1/T)) before every metric. ``on_case(case, probs, ref,
     mask_all)`` is called for each case (used to collect a temperature-fit subsample in the same pass).
     ``chill``: references without probabilities are skipped instead of being an error (see :func:`match_cases`).
+    ``plans``: the model's plans (dict or plans.json), whose ``transpose_forward`` maps nnU-Net's crop box to the
+    reference's axis order (see :mod:`nnunet_mbls.geometry`); default: the plans.json nnU-Net writes next to the
+    predictions (``nnUNetv2_predict``'s output folder, or the trainer folder above ``fold_k/validation``).
     Every problem raises :class:`EvaluationError` naming the case; nothing is written here, so a caller that
     writes the result afterwards leaves no partial output behind.
     Returns ``{"per_case": {...}, "mean": {...}, "pooled": {...}, "reliability": {...}, ...}``.
@@ -263,6 +268,7 @@ def evaluate_folder(
 
         dataset_json = json.loads(found.read_text())
     labels = LabelInfo.from_dataset_json(dataset_json)
+    transpose_forward = resolve_transpose_forward(plans, pred_folder)
     reader = reader_for(dataset_json, next(iter(cases.values()))[0])
     pooled = CalibrationAccumulator(labels.num_classes, n_bins)
     per_case: dict[str, dict] = {}
@@ -272,7 +278,11 @@ def evaluate_folder(
         check_case(case, probs, ref, labels)
         if temperature is not None:
             probs = apply_temperature(probs, temperature)
-        mask = region_mask(ref, region, labels.ignore_label, properties.get("bbox_used_for_cropping"), boundary_width)
+        try:
+            box = crop_box(properties, transpose_forward, ref.shape)
+        except GeometryError as e:
+            raise EvaluationError(f"case {case}: {e}") from e
+        mask = region_mask(ref, region, labels.ignore_label, box, boundary_width)
         accumulator = CalibrationAccumulator(labels.num_classes, n_bins)
         target = np.where(mask, ref, 0)
         accumulator.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(mask))
@@ -283,9 +293,21 @@ def evaluate_folder(
             **segmentation_metrics(pred, ref, labels, seg_properties["spacing"]),
         }
         if on_case is not None:
-            all_mask = region_mask(ref, "all", labels.ignore_label, properties.get("bbox_used_for_cropping"))
+            all_mask = region_mask(ref, "all", labels.ignore_label, box)
             on_case(case, probs, ref, all_mask)
     return summarise(per_case, pooled, labels, region, temperature)
+
+
+def resolve_transpose_forward(plans, pred_folder: Path) -> tuple[int, ...] | None:
+    """``transpose_forward`` of the given plans, else of the plans.json next to the predictions, else None."""
+    if plans is None:
+        plans = find_plans_file(pred_folder, pred_folder.parent, pred_folder.parent.parent)
+        if plans is None:
+            return None
+    try:
+        return transpose_forward_of(plans)
+    except GeometryError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def summarise(per_case: dict, pooled: CalibrationAccumulator, labels: LabelInfo, region: str, temperature) -> dict:

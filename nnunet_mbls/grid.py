@@ -42,6 +42,14 @@ class Cell:
     def label(self) -> str:
         return f"{self.dataset} {self.configuration} fold {self.fold} {self.trainer}"
 
+    def missing_reason(self) -> str:
+        """Why an unfinished cell is not in the table, and the command that finishes it."""
+        from .calibrate import calibrate_command
+
+        if self.is_trained():
+            return f"trained, calibration step missing or failed: {calibrate_command(self.folder)}"
+        return "not trained (benchmark --train, or --emit-jobs)"
+
 
 def dataset_name(dataset: str | int) -> str:
     """DatasetXXX_Name for an id or a name (nnU-Net's lookup in nnUNet_raw/preprocessed/results)."""

@@ -3,7 +3,8 @@
 Each line of ``jobs.txt`` trains one cell with nnU-Net's own ``nnUNetv2_train`` (``--npz``; ``--c``
 so a resubmitted job resumes; ``-num_gpus N`` for nnU-Net's DDP) and then runs our calibration step
 (``nnunet-mbls calibrate --if-missing``: a no-op for our trainers, which calibrate themselves on
-rank 0 after validation). ``jobs.sbatch`` is a SLURM array over the lines. Finished cells are left
+rank 0 after validation). A cell that is trained but not calibrated (its calibration step failed)
+gets only the calibrate command. ``jobs.sbatch`` is a SLURM array over the lines. Finished cells are left
 out and listed in ``jobs_done.txt``, so emitting again after a partial run resubmits only the rest.
 """
 
@@ -30,14 +31,18 @@ class SlurmOptions:
 
 
 def job_command(cell: Cell, num_gpus: int = 1, device: str | None = None) -> str:
-    """One self-contained line: nnU-Net paths of this shell, our trainer folder, train, calibrate."""
+    """One self-contained line: nnU-Net paths of this shell, our trainer folder, train, calibrate.
+
+    A cell whose training finished (``checkpoint_final.pth``) but whose calibration step is missing or
+    failed gets only the calibrate command: nothing is trained again.
+    """
     exports = [f"{k}={shlex.quote(os.environ[k])}" for k in NNUNET_PATH_VARIABLES if os.environ.get(k)]
     d, c, f, t, p = cell.dataset_id, cell.configuration, cell.fold, cell.trainer, cell.plans
     dev = f" -device {device}" if device else ""
     train = f"nnUNetv2_train {d} {c} {f} -tr {t} -p {p} --npz --c{dev}" + (f" -num_gpus {num_gpus}" if num_gpus > 1 else "")
     calibrate = f"nnunet-mbls calibrate -d {d} -c {c} -f {f} -tr {t} -p {p} --if-missing{dev}"
     prefix = f"export {' '.join(exports)}; " if exports else ""
-    return f'{prefix}eval "$(nnunet-mbls env)"; {train} && {calibrate}'
+    return f'{prefix}eval "$(nnunet-mbls env)"; ' + (calibrate if cell.is_trained() else f"{train} && {calibrate}")
 
 
 def sbatch_script(jobs_file: Path, n_jobs: int, options: SlurmOptions) -> str:

@@ -90,7 +90,7 @@ def build_results(cells: list[Cell], baseline: str | None) -> dict:
     by_trainer: dict[str, list[tuple[Cell, dict | None]]] = defaultdict(list)
     for cell in cells:
         by_trainer[cell.trainer].append((cell, load_cell(cell)))
-    missing = [c.label() for entries in by_trainer.values() for c, d in entries if d is None]
+    missing = [f"{c.label()}: {c.missing_reason()}" for entries in by_trainer.values() for c, d in entries if d is None]
     rows, per_case, reliability = {}, {}, {}
     for trainer, entries in by_trainer.items():
         done = [(c, d) for c, d in entries if d is not None]

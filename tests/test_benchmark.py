@@ -139,3 +139,33 @@ def test_demo_quick_end_to_end(tmp_path):
     for trainer in ("nnUNetTrainer", "nnUNetTrainerMbLS"):
         fold = out / "nnUNet_results" / "Dataset989_MbLSSyntheticQuick" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
         assert (fold / "checkpoint_final_calibrated.pth").is_file()
+
+
+def test_a_failed_calibration_step_keeps_the_training_and_is_redone_without_retraining(nnunet_3d, tmp_path):
+    nn, dataset = nnunet_3d
+    trainer = "nnUNetTrainerMbLS_badcalib_test"
+    proc = nn.train(501, "3d_fullres", trainer, "0", check=False)
+    assert proc.returncode == 1  # the scheduler sees the failure
+    fold = nn.fold_folder(dataset, trainer, "3d_fullres")
+    redo = f"nnunet-mbls calibrate -d {dataset} -c 3d_fullres -f 0 -tr {trainer} -p nnUNetPlans"
+    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert redo in proc.stderr and redo in log and "max_voxels must be an integer >= 1" in log
+    splits = json.loads((nn.preprocessed / dataset / "splits_final.json").read_text())
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    assert {p.name[:-4] for p in (fold / "validation").glob("*.npz")} == set(splits[0]["val"])
+    assert not (fold / "calibration.json").exists()
+
+    grid = ["-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", trainer, "--baseline", trainer]
+    nn.run("nnunet-mbls", "benchmark", *grid, "--collect", "-o", str(tmp_path / "bench"))
+    results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
+    assert len(results["missing_cells"]) == 1 and redo in results["missing_cells"][0]
+    nn.run("nnunet-mbls", "benchmark", *grid, "--emit-jobs", str(tmp_path / "jobs"))
+    (job,) = (tmp_path / "jobs" / "jobs.txt").read_text().splitlines()
+    assert "nnUNetv2_train" not in job and f"nnunet-mbls calibrate -d 501 -c 3d_fullres -f 0 -tr {trainer}" in job
+
+    stamp = (fold / "checkpoint_final.pth").stat().st_mtime_ns
+    nn.run("nnunet-mbls", "benchmark", *grid, "--train", "-device", "cpu", "-o", str(tmp_path / "bench"), training=True)
+    assert (fold / "checkpoint_final.pth").stat().st_mtime_ns == stamp  # not trained again
+    assert json.loads((fold / "calibration.json").read_text())["fit"]["subsample_size"] > 0
+    results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
+    assert results["missing_cells"] == [] and results["rows"][trainer]["num_cases"] == len(splits[0]["val"])

@@ -31,8 +31,9 @@ def region_mask(
             voxels on each side of every interface between labels. The image border is not a boundary.
         ignore_label: voxels with this label are excluded from every region, and do not create
             boundaries (the true label there is unknown).
-        crop_bbox: nnU-Net's ``bbox_used_for_cropping`` (preprocessing properties .pkl), [start, end)
-            per axis. Only restricts ``"all"``: outside the box nnU-Net writes background probability
+        crop_bbox: nnU-Net's crop box in the axis order of ``target``, [start, end) per axis: the case's
+            ``bbox_used_for_cropping`` mapped out of nnU-Net's transposed order by
+            :func:`nnunet_mbls.geometry.crop_box`. Only restricts ``"all"``: outside the box nnU-Net writes background probability
             exactly 1, which would flood an all-voxel metric. ``"fg"`` and ``"boundary"`` are left
             unrestricted on purpose, so ground truth outside the box still counts as a (certain) miss.
             None means the whole image.
@@ -63,7 +64,8 @@ def _bbox_mask(shape: tuple[int, ...], crop_bbox: Sequence[Sequence[int]] | None
     if len(box) != len(shape) or any(len(a) != 2 or not 0 <= a[0] <= a[1] <= n for a, n in zip(box, shape)):
         raise ValueError(
             f"crop_bbox must be [start, end) per axis within the image shape {shape}, got {crop_bbox!r}; "
-            "pass bbox_used_for_cropping from the case's nnU-Net properties .pkl"
+            "map the case's bbox_used_for_cropping (nnU-Net's transposed axis order) to the image's axis order with "
+            "nnunet_mbls.geometry.crop_box first"
         )
     mask = np.zeros(shape, dtype=bool)
     mask[tuple(slice(a, b) for a, b in box)] = True

@@ -97,21 +97,32 @@ def new_dataset_folder(raw_root: str | os.PathLike, dataset_id: int, name: str,
     and ``overwrite`` is False, or when another folder already uses the same dataset id. On any error
     inside the block the staging folder is deleted and an existing dataset is left untouched.
     """
-    if not isinstance(raw_root, (str, os.PathLike)):
-        raise ValueError(f"raw_root={raw_root!r} is invalid: pass the nnUNet_raw folder as a str or Path")
-    raw_root = Path(raw_root)
-    if raw_root.exists() and not raw_root.is_dir():
-        raise ValueError(f"raw_root={str(raw_root)!r} is a file, not a folder: pass the nnUNet_raw folder")
-    folder_name = dataset_folder_name(dataset_id, name)
-    target = _check_target(raw_root, folder_name, overwrite)
-    raw_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".staging", dir=raw_root))
+    with staged_folder(raw_root, dataset_folder_name(dataset_id, name), overwrite, ("imagesTr", "labelsTr")) as staging:
+        yield staging
+
+
+@contextmanager
+def staged_folder(root: str | os.PathLike, folder_name: str, overwrite: bool,
+                  subfolders: Sequence[str]) -> Iterator[Path]:
+    """Yield a hidden staging folder (with ``subfolders``) that becomes ``root/folder_name`` on success.
+
+    ``folder_name`` is ``<Prefix><id>_<Name>`` (nnU-Net's ``DatasetXXX_Name``, MSD's ``TaskNN_Name``); another
+    folder with the same ``<Prefix><id>_`` is refused, as is a non-empty target unless ``overwrite``.
+    """
+    if not isinstance(root, (str, os.PathLike)):
+        raise ValueError(f"root={root!r} is invalid: pass the output folder (e.g. nnUNet_raw) as a str or Path")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"root={str(root)!r} is a file, not a folder: pass the output folder (e.g. nnUNet_raw)")
+    target = _check_target(root, folder_name, overwrite)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder_name}.", suffix=".staging", dir=root))
     try:
-        (staging / "imagesTr").mkdir()
-        (staging / "labelsTr").mkdir()
+        for sub in subfolders:
+            (staging / sub).mkdir()
         yield staging
         _apply_default_permissions(staging)
-        _check_target(raw_root, folder_name, overwrite)  # something may have appeared meanwhile
+        _check_target(root, folder_name, overwrite)  # something may have appeared meanwhile
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -136,33 +147,38 @@ def _to_sitk(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float
     return img
 
 
-def write_case(folder: str | os.PathLike, case_id: str, image: np.ndarray, labels: np.ndarray,
+def write_case(folder: str | os.PathLike, case_id: str, image: np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
                spacing: Sequence[float], origin: Sequence[float] | None = None,
-               direction: Sequence[float] | None = None) -> tuple[Path, Path]:
-    """Write one single-channel training case into a dataset folder.
+               direction: Sequence[float] | None = None) -> tuple[list[Path], Path]:
+    """Write one training case into a dataset folder.
 
-    ``image`` and ``labels`` are numpy arrays in SimpleITK order (z, y, x), same shape, 3-D; 2-D data
-    is written as (1, y, x), the way nnU-Net's ``2d`` configuration reads NIfTI. ``spacing`` is in the
-    same (z, y, x) order, in mm; ``origin`` (x, y, z) and ``direction`` (9 floats) as SimpleITK takes them,
-    defaulting to 0 and identity. Labels are stored as uint8. Returns (image path, label path).
+    ``image`` (one channel) or a list of images (one per input channel, written as ``_0000``, ``_0001``, ...)
+    and ``labels`` are numpy arrays in SimpleITK order (z, y, x), same shape, 3-D; 2-D data is written as
+    (1, y, x), the way nnU-Net's ``2d`` configuration reads NIfTI. ``spacing`` is in the same (z, y, x)
+    order, in mm; ``origin`` (x, y, z) and ``direction`` (9 floats, row-major) as SimpleITK takes them,
+    defaulting to 0 and identity. Labels are stored as uint8. Returns (image paths, label path).
     """
-    image = np.asarray(image)
+    channels = [np.asarray(c) for c in image] if isinstance(image, (list, tuple)) else [np.asarray(image)]
     labels = np.asarray(labels)
-    if image.ndim != 3 or image.shape != labels.shape:
-        raise ValueError(f"image shape {image.shape} / labels shape {labels.shape} are invalid: pass two 3-D "
-                         f"arrays of equal shape (z, y, x); write 2-D data as shape (1, y, x)")
+    if not channels or any(c.ndim != 3 or c.shape != labels.shape for c in channels):
+        raise ValueError(f"image shapes {[c.shape for c in channels]} / labels shape {labels.shape} are invalid: pass "
+                         f"3-D arrays of equal shape (z, y, x), one per channel; write 2-D data as shape (1, y, x)")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing={tuple(spacing)!r} is invalid: pass three positive mm values in (z, y, x) order")
     if labels.min() < 0 or labels.max() > 255:
         raise ValueError(f"labels range {labels.min()}..{labels.max()} is invalid: labels must fit in 0..255")
     folder = Path(folder)
-    img_path = folder / "imagesTr" / f"{case_id}_0000{FILE_ENDING}"
+    img_paths = [folder / "imagesTr" / f"{case_id}_{k:04d}{FILE_ENDING}" for k in range(len(channels))]
     lab_path = folder / "labelsTr" / f"{case_id}{FILE_ENDING}"
-    sitk_img = _to_sitk(image, spacing, origin, direction)
-    sitk_lab = _to_sitk(labels.astype(np.uint8), spacing, origin, direction)
-    atomic_write(img_path, lambda tmp: sitk.WriteImage(sitk_img, tmp, True), suffix=FILE_ENDING)
-    atomic_write(lab_path, lambda tmp: sitk.WriteImage(sitk_lab, tmp, True), suffix=FILE_ENDING)
-    return img_path, lab_path
+    for path, channel in zip(img_paths, channels):
+        write_nifti(path, _to_sitk(channel, spacing, origin, direction))
+    write_nifti(lab_path, _to_sitk(labels.astype(np.uint8), spacing, origin, direction))
+    return img_paths, lab_path
+
+
+def write_nifti(path: Path, image: sitk.Image) -> Path:
+    """Write a SimpleITK image to ``path`` (.nii.gz, compressed) atomically."""
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), suffix=FILE_ENDING)
 
 
 def write_dataset_json(folder: str | os.PathLike, channel_names: Mapping[str, str], labels: Mapping[str, int],

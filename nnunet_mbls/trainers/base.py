@@ -10,6 +10,8 @@ scaling folded into ``checkpoint_final_calibrated.pth``) after nnU-Net's final v
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,8 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
 
     loss_name: str = "mbls"
     loss_kwargs: dict[str, Any] = {}
+    #: voxel subsample of the calibration step's temperature fit (see ``nnunet_mbls.calibrate``)
+    calibration_max_voxels: int = 1_000_000
 
     def __init__(
         self,
@@ -128,7 +132,27 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         # probabilities are needed by the calibration step, so they are always saved
         super().perform_actual_validation(save_probabilities=True)
         if self.local_rank == 0:
-            from ..calibrate import calibrate_output_folder
+            self.run_calibration_step()
 
-            _, val_keys = self.do_split()
-            calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys))
+    def run_calibration_step(self) -> None:
+        """Our calibration step on nnU-Net's validation output (rank 0).
+
+        It runs after ``checkpoint_final.pth`` and nnU-Net's validation are on disk, so a failure here costs
+        no training: it is written to the training log and stderr with the command that redoes the step, and
+        raised again (``nnUNetv2_train`` exits with status 1, so a scheduler sees it).
+        """
+        from ..calibrate import CalibrationStepError, calibrate_command, calibrate_output_folder
+
+        _, val_keys = self.do_split()
+        try:
+            calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys),
+                                    max_voxels=self.calibration_max_voxels)
+        except Exception as error:
+            message = (
+                f"nnunet-mbls: the calibration step failed ({type(error).__name__}: {error}). Training and nnU-Net's "
+                f"validation are complete and kept (checkpoint_final.pth, validation/). Redo only the calibration step "
+                f"with:\n    {calibrate_command(Path(self.output_folder))}"
+            )
+            self.print_to_log_file(message)
+            print(message, file=sys.stderr, flush=True)
+            raise CalibrationStepError(message) from error

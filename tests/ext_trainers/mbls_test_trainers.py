@@ -54,3 +54,9 @@ class nnUNetTrainerFocal_resume_test(ShortBudget, nnUNetTrainerFocal):
         super().on_epoch_end()
         if os.environ.get("MBLS_TEST_CRASH_AFTER_EPOCH") == str(epoch):
             raise RuntimeError(f"simulated crash after epoch {epoch} (MBLS_TEST_CRASH_AFTER_EPOCH)")
+
+
+class nnUNetTrainerMbLS_badcalib_test(ShortBudget, nnUNetTrainerMbLS):
+    """Its calibration step fails after training and validation: a subsample of 0 voxels is refused."""
+
+    calibration_max_voxels = 0
