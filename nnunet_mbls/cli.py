@@ -85,6 +85,59 @@ def cmd_apply_temperature(args: argparse.Namespace) -> int:
     return 0
 
 
+def flag_rule_from(args: argparse.Namespace):
+    from .inference.qc import FlagRule
+
+    if args.flag_score is None and args.flag_threshold is None:
+        return None
+    if args.flag_score is None or args.flag_threshold is None:
+        raise ValueError("pass --flag-score and --flag-threshold together (e.g. --flag-score mean_fold_dice --flag-threshold 0.8)")
+    return FlagRule(args.flag_score, args.flag_threshold)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference.predict import predict
+
+    qc = predict(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, checkpoint=args.chk, calibrated=args.calibrated,
+                 maps=args.maps or (), maps_dtype=args.maps_dtype, device=args.device, step_size=args.step_size,
+                 disable_tta=args.disable_tta, num_processes_preprocessing=args.npp, flag_rule=flag_rule_from(args))
+    print_qc_summary(qc)
+    return 0
+
+
+def cmd_maps(args: argparse.Namespace) -> int:
+    from .inference.predict import maps_from_probabilities
+
+    qc = maps_from_probabilities(args.i, args.o, temperature=args.t, calibration_json=args.calibration_json,
+                                 maps=args.maps, maps_dtype=args.maps_dtype, flag_rule=flag_rule_from(args))
+    print_qc_summary(qc)
+    return 0
+
+
+def print_qc_summary(qc_csv) -> None:
+    import json
+
+    summary = json.loads(qc_csv.with_suffix(".json").read_text())
+    print(f"{len(summary['cases'])} cases, {summary['num_flagged']} flagged ({summary['flag_rule']})")
+    for case, row in summary["cases"].items():
+        if row["flag"]:
+            print(f"  flagged: {case}")
+    print(f"wrote {qc_csv} and {qc_csv.with_suffix('.json')}" + (f"; maps in {qc_csv.parent / 'maps'}"
+                                                                   if summary["settings"]["maps"] else ""))
+
+
+def add_map_and_flag_options(p: argparse.ArgumentParser, default_maps) -> None:
+    from .inference import MAP_KINDS, SCORE_DIRECTION
+
+    p.add_argument("--maps", nargs="+", choices=MAP_KINDS, default=default_maps, metavar="KIND",
+                   help=f"maps to write into OUT/maps/ as NIfTI in the input geometry: {', '.join(MAP_KINDS)}")
+    p.add_argument("--maps-dtype", choices=["float32", "uint8"], default="float32",
+                   help="uint8 stores probabilities and confidence as 0..255 with NIfTI scale slope 1/255 (4x smaller)")
+    p.add_argument("--flag-score", choices=list(SCORE_DIRECTION),
+                   help="QC score of the flag rule (default: mean_fold_dice < 0.8 with >= 2 folds, else mean_entropy_boundary > 0.35)")
+    p.add_argument("--flag-threshold", type=float, help="threshold of --flag-score (entropies: flag above; Dice: flag below)")
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from .grid import make_grid
 
@@ -212,6 +265,33 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("-t", type=float, help="temperature T > 0")
     group.add_argument("--calibration-json", help="take T from a calibration.json written by calibrate")
     p.set_defaults(func=cmd_apply_temperature)
+
+    p = sub.add_parser("predict", help="nnUNetv2_predict plus calibrated probability/uncertainty maps (NIfTI) and a QC table")
+    p.add_argument("-i", required=True, help="input folder of images (nnU-Net naming, CASE_0000.nii.gz ...)")
+    p.add_argument("-o", required=True, help="output folder: segmentations, maps/, qc.csv, qc.json")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"], help="folds (default 0 1 2 3 4)")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-chk", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="use each fold's calibration: checkpoint_final_calibrated.pth, else the temperature of its calibration.json")
+    add_map_and_flag_options(p, None)
+    p.add_argument("-device", default=default_device(), help="cuda or cpu (default: cuda if available)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("-npp", type=int, default=3, help="preprocessing worker processes (default 3; 0 = in this process)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("maps", help="probability/uncertainty maps and QC from a nnUNetv2_predict --save_probabilities folder")
+    p.add_argument("-i", required=True, help="folder with .npz, .pkl and segmentations written by nnUNetv2_predict")
+    p.add_argument("-o", required=True, help="output folder: maps/, qc.csv, qc.json")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-t", type=float, help="apply temperature T first: normalize(p ** (1/T))")
+    group.add_argument("--calibration-json", help="take T from a calibration.json written by calibrate")
+    add_map_and_flag_options(p, ["probabilities", "entropy"])
+    p.set_defaults(func=cmd_maps)
 
     p = sub.add_parser("benchmark", help="paper-style table (Dice, HD95, ECE, CECE, NLL, Brier) of trained models vs stock nnU-Net")
     p.add_argument("-d", nargs="+", required=True, help="dataset names or ids")

@@ -18,7 +18,7 @@ import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -231,7 +231,7 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, labels: LabelInfo, s
 
 def evaluate_folder(
     ref_folder: str | os.PathLike,
-    pred_folder: str | os.PathLike,
+    pred_folder: str | os.PathLike | Sequence[str | os.PathLike],
     dataset_json: dict | None = None,
     region: str = "fg",
     temperature: float | None = None,
@@ -241,11 +241,15 @@ def evaluate_folder(
     on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
     chill: bool = False,
     plans: dict | str | os.PathLike | None = None,
+    fit_region: str = "all",
 ) -> dict:
     """Evaluate every ``.npz`` in ``pred_folder`` against ``ref_folder``; see the module docstring.
 
+    ``pred_folder`` may be a list of folders (e.g. the validation folders of several folds: their cases are
+    evaluated together, ``pooled`` over all of them); a case must not appear in two of them.
     ``temperature``: apply normalize(p ** (1/T)) before every metric. ``on_case(case, probs, ref,
-    mask_all)`` is called for each case (used to collect a temperature-fit subsample in the same pass).
+    fit_mask)`` is called for each case with the voxels of ``fit_region`` (used to collect a temperature-fit
+    subsample in the same pass).
     ``chill``: references without probabilities are skipped instead of being an error (see :func:`match_cases`).
     ``plans``: the model's plans (dict or plans.json), whose ``transpose_forward`` maps nnU-Net's crop box to the
     reference's axis order (see :mod:`nnunet_mbls.geometry`); default: the plans.json nnU-Net writes next to the
@@ -254,25 +258,34 @@ def evaluate_folder(
     writes the result afterwards leaves no partial output behind.
     Returns ``{"per_case": {...}, "mean": {...}, "pooled": {...}, "reliability": {...}, ...}``.
     """
-    if region not in REGIONS:
-        raise ValueError(f"region={region!r} is invalid: choose one of {REGIONS}")
-    ref_folder, pred_folder = Path(ref_folder), Path(pred_folder)
-    cases = match_cases(ref_folder, pred_folder, chill=chill)
+    for name, value in (("region", region), ("fit_region", fit_region)):
+        if value not in REGIONS:
+            raise ValueError(f"{name}={value!r} is invalid: choose one of {REGIONS}")
+    ref_folder = Path(ref_folder)
+    pred_folders = [Path(pred_folder)] if isinstance(pred_folder, (str, os.PathLike)) else [Path(f) for f in pred_folder]
+    cases: dict[str, tuple[Path, Path, tuple[int, ...] | None]] = {}
+    for folder in pred_folders:
+        transpose_forward = resolve_transpose_forward(plans, folder)
+        for case, (ref_file, npz_file) in match_cases(ref_folder, folder, chill=chill or len(pred_folders) > 1).items():
+            if case in cases:
+                raise EvaluationError(f"case {case} has probabilities in {cases[case][1].parent} and in {folder}; "
+                                      f"pass folders with distinct cases (one per fold)")
+            cases[case] = (ref_file, npz_file, transpose_forward)
     if dataset_json is None:
-        found = find_dataset_json(pred_folder, ref_folder)
+        found = find_dataset_json(pred_folders[0], ref_folder)
         if found is None:
             raise EvaluationError(
-                f"no dataset.json found next to {pred_folder} or {ref_folder}; pass it with -djfile"
+                f"no dataset.json found next to {pred_folders[0]} or {ref_folder}; pass it with -djfile"
             )
         import json
 
         dataset_json = json.loads(found.read_text())
     labels = LabelInfo.from_dataset_json(dataset_json)
-    transpose_forward = resolve_transpose_forward(plans, pred_folder)
     reader = reader_for(dataset_json, next(iter(cases.values()))[0])
     pooled = CalibrationAccumulator(labels.num_classes, n_bins)
     per_case: dict[str, dict] = {}
-    for case, (ref_file, npz_file) in tqdm(cases.items(), desc=f"evaluating ({region})", disable=not progress):
+    for case, (ref_file, npz_file, transpose_forward) in tqdm(cases.items(), desc=f"evaluating ({region})",
+                                                              disable=not progress):
         probs, properties = load_probabilities(case, npz_file)
         ref, seg_properties = read_reference(case, reader, ref_file)
         check_case(case, probs, ref, labels)
@@ -293,8 +306,7 @@ def evaluate_folder(
             **segmentation_metrics(pred, ref, labels, seg_properties["spacing"]),
         }
         if on_case is not None:
-            all_mask = region_mask(ref, "all", labels.ignore_label, box)
-            on_case(case, probs, ref, all_mask)
+            on_case(case, probs, ref, region_mask(ref, fit_region, labels.ignore_label, box, boundary_width))
     return summarise(per_case, pooled, labels, region, temperature)
 
 

@@ -115,3 +115,22 @@ def crop_box(
             f"nnU-Net's transpose_forward maps the crop box"
         )
     return [list(axis) for axis in candidates.pop()]
+
+
+def network_to_original(volume: np.ndarray, properties: Mapping, plans_manager, configuration_manager) -> np.ndarray:
+    """A (K, *network grid) float map of one case -> (K, *reference shape), as nnU-Net exports probabilities.
+
+    nnU-Net's own steps and functions, in its order: resample with the configuration's probability resampling
+    to the cropped shape, put the crop back into the full (transposed) image with 0 outside the crop box,
+    then ``transpose_backward``. For maps nnU-Net does not export itself (mutual information).
+    """
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    spacing = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    current = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
+        else [spacing[0], *configuration_manager.spacing]  # 2d configuration of 3D images: slices keep their spacing
+    resampled = np.asarray(configuration_manager.resampling_fn_probabilities(volume, shape, current, spacing), np.float32)
+    full = np.zeros((volume.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
+    full = insert_crop_into_image(full, resampled, properties["bbox_used_for_cropping"])
+    return full.transpose([0] + [i + 1 for i in plans_manager.transpose_backward])

@@ -21,128 +21,15 @@ from __future__ import annotations
 
 import json
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from nnunet_mbls.data.synthetic import make_synthetic_dataset
 from nnunet_mbls.geometry import crop_box
 
-from conftest import NnUNet
-
-
-def rotation(degrees_z: float, degrees_x: float) -> tuple[float, ...]:
-    a, b = np.deg2rad(degrees_z), np.deg2rad(degrees_x)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    return tuple((rz @ rx).ravel())
-
-
-@dataclass(frozen=True)
-class Geometry:
-    name: str
-    dataset_id: int
-    configuration: str
-    trainer: str
-    transpose_forward: list[int]
-    dataset: dict = field(default_factory=dict)
-
-
-GEOMETRIES = [
-    Geometry("thick_last", 511, "3d_fullres", "nnUNetTrainerMbLS_test", [2, 0, 1],
-             dict(shape=(20, 24, 10), spacing=(1, 1, 3), channels=2, ignore_label=True, zero_margin=2,
-                  origin=(12.5, -40.0, 7.0), direction=rotation(30, 20))),
-    Geometry("thick_middle", 512, "3d_fullres", "nnUNetTrainerMbLS_test", [1, 0, 2],
-             dict(shape=(28, 10, 28), spacing=(1, 3, 1), parcels=28, adjacent_absent_every=2, touch_border=True)),
-    Geometry("flat_2d", 513, "2d", "nnUNetTrainerMbLSDice_test", [0, 1, 2],
-             dict(shape=(40, 40), channels=2, ignore_label=True, zero_margin=3, origin=(3.0, -2.0, 1.0),
-                  direction=rotation(-25, 0))),
-]
-#: fold 0's validation cases, fixed by our own splits_final.json: case_0001 lacks the adjacent structure
-#: in thick_middle (adjacent_absent_every=2), so every dataset validates one case with and one without
-VALIDATION = ["case_0000", "case_0001"]
-NUM_CASES = 6
-
-
-def read(path: Path) -> sitk.Image:
-    return sitk.ReadImage(str(path))
-
-
-def array(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(read(path))
-
-
-@dataclass
-class Planned:
-    geometry: Geometry
-    nn: NnUNet
-    dataset: str  # DatasetXXX_Name
-
-    @property
-    def raw(self) -> Path:
-        return self.nn.raw / self.dataset
-
-    @property
-    def gt(self) -> Path:
-        return self.nn.preprocessed / self.dataset / "gt_segmentations"
-
-    @property
-    def labels(self) -> dict[str, int]:
-        return json.loads((self.raw / "dataset.json").read_text())["labels"]
-
-    def fold(self, trainer: str) -> Path:
-        return self.nn.fold_folder(self.dataset, trainer, self.geometry.configuration)
-
-    def independent_crop_box(self, case: str) -> list[list[int]]:
-        """nnU-Net crops to the nonzero voxels of any channel: their bounding box, from the raw files."""
-        channels = sorted((self.raw / "imagesTr").glob(f"{case}_*.nii.gz"))
-        nonzero = np.any([array(c) != 0 for c in channels], axis=0)
-        idx = np.argwhere(nonzero)
-        return [[int(a), int(b) + 1] for a, b in zip(idx.min(0), idx.max(0))]
-
-    def crop_box_voxels(self, case: str) -> int:
-        """Voxels of region "all": inside the crop box, ignore label excluded."""
-        ref = array(self.raw / "labelsTr" / f"{case}.nii.gz")
-        inside = ref[tuple(slice(a, b) for a, b in self.independent_crop_box(case))]
-        ignore = self.labels.get("ignore")
-        return int(inside.size - (np.count_nonzero(inside == ignore) if ignore is not None else 0))
-
-    def foreground_voxels(self, case: str) -> int:
-        ref = array(self.raw / "labelsTr" / f"{case}.nii.gz")
-        ignore = self.labels.get("ignore", -1)
-        return int(np.count_nonzero((ref != 0) & (ref != ignore)))
-
-    def predict(self, trainer: str, out: Path, checkpoint: str = "checkpoint_final.pth") -> Path:
-        inputs = out.parent / f"{out.name}_input"
-        inputs.mkdir(parents=True, exist_ok=True)
-        for case in VALIDATION:
-            for image in (self.raw / "imagesTr").glob(f"{case}_*.nii.gz"):
-                if not (inputs / image.name).exists():
-                    (inputs / image.name).symlink_to(image)
-        self.nn.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", str(self.geometry.dataset_id),
-                    "-c", self.geometry.configuration, "-f", "0", "-tr", trainer, "-chk", checkpoint,
-                    "--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0")
-        return out
-
-
-_PLANNED: dict[str, Planned] = {}
-
-
-def planned(geometry: Geometry, tmp_path_factory) -> Planned:
-    """Generate, plan and preprocess one geometry (once per test session) with fold 0 = VALIDATION."""
-    if geometry.name not in _PLANNED:
-        nn = NnUNet(tmp_path_factory.mktemp(geometry.name))
-        folder = make_synthetic_dataset(nn.raw, dataset_id=geometry.dataset_id, name=geometry.name.title().replace("_", ""),
-                                        num_cases=NUM_CASES, seed=geometry.dataset_id, **geometry.dataset)
-        nn.plan(geometry.dataset_id, geometry.configuration)
-        cases = [f"case_{i:04d}" for i in range(NUM_CASES)]
-        splits = [{"train": [c for c in cases if c not in VALIDATION], "val": VALIDATION}]
-        (nn.preprocessed / folder.name / "splits_final.json").write_text(json.dumps(splits))
-        _PLANNED[geometry.name] = Planned(geometry, nn, folder.name)
-    return _PLANNED[geometry.name]
+from geometry_datasets import GEOMETRIES, VALIDATION, Planned, array, planned, read
 
 
 @dataclass
@@ -162,8 +49,7 @@ class Chain:
 def chain(request, tmp_path_factory) -> Chain:
     geometry: Geometry = request.param
     p = planned(geometry, tmp_path_factory)
-    p.nn.train(geometry.dataset_id, geometry.configuration, geometry.trainer)
-    fold = p.fold(geometry.trainer)
+    fold = p.train(geometry.trainer)
     root = p.nn.root / "chain"
     plain = p.predict(geometry.trainer, root / "plain")
     calibrated = p.predict(geometry.trainer, root / "calibrated", "checkpoint_final_calibrated.pth")
@@ -263,7 +149,7 @@ def test_a_class_absent_from_a_case_is_reported_not_scored(chain):
 def test_calibrate_a_stock_model_on_a_transposed_dataset(tmp_path_factory):
     """Regression: ``nnunet-mbls calibrate`` on a stock fold of a dataset whose plans transpose the axes."""
     p = planned(GEOMETRIES[0], tmp_path_factory)
-    p.nn.train(p.geometry.dataset_id, p.geometry.configuration, "nnUNetTrainerStock_test", "0", "--npz")
+    p.train("nnUNetTrainerStock_test", "0", "--npz")
     p.nn.run("nnunet-mbls", "calibrate", "-d", str(p.geometry.dataset_id), "-c", p.geometry.configuration, "-f", "0",
              "-tr", "nnUNetTrainerStock_test", "-device", "cpu")
     calibration = json.loads((p.fold("nnUNetTrainerStock_test") / "calibration.json").read_text())

@@ -1,0 +1,281 @@
+"""``nnunet-mbls predict`` and ``nnunet-mbls maps``: segmentations, probability/uncertainty maps and QC.
+
+``predict`` runs nnU-Net's ``nnUNetPredictor`` (its preprocessing, sliding window with mirroring TTA, and
+its export function) and adds only the loop over folds, which keeps running sums per fold for mutual
+information and fold agreement. The ensemble logits are summed and divided exactly as nnU-Net does
+(same dtype, same order), so ``OUT/<case><ending>`` equals ``nnUNetv2_predict``'s segmentation.
+
+``maps`` computes the same maps and QC from an existing ``nnUNetv2_predict --save_probabilities`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..io import atomic_write, atomic_write_json
+from .maps import MapWriter, check_map_request, write_case_maps
+from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, default_flag_rule, write_qc_table
+from .uncertainty import FoldStatistics, entropy
+
+CALIBRATED_CHECKPOINT = "checkpoint_final_calibrated.pth"
+DEFAULT_CHECKPOINT = "checkpoint_final.pth"
+
+
+class PredictionInputError(ValueError):
+    """Bad input of predict/maps; the message names the argument, the value and the fix."""
+
+
+@dataclass
+class FoldModels:
+    """Which checkpoint each fold uses and the temperature still to apply to its logits (1.0: none)."""
+
+    folder: Path
+    folds: list[str]
+    checkpoint: str
+    temperatures: list[float] = field(default_factory=list)
+    calibration: str = "none"
+
+
+def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: str | None, calibrated: bool,
+                  dataset: str, configuration: str, trainer: str, plans: str) -> FoldModels:
+    """Check that every fold exists with the checkpoint asked for; with ``calibrated`` pick its calibration.
+
+    ``calibrated``: every fold's ``checkpoint_final_calibrated.pth`` (the temperature folded into the head);
+    where a fold lacks it but has ``calibration.json``, every fold uses ``checkpoint_final.pth`` and its logits
+    are divided by the fold's temperature instead (same probabilities up to nnU-Net's fp16 accumulation).
+    """
+    folds = [str(f) for f in folds]
+    if calibrated and checkpoint not in (None, DEFAULT_CHECKPOINT, CALIBRATED_CHECKPOINT):
+        raise PredictionInputError(f"-chk {checkpoint} and --calibrated both choose the checkpoint; pass only one")
+    name = checkpoint or DEFAULT_CHECKPOINT
+    for fold in folds:
+        if not (model_folder / f"fold_{fold}" / name).is_file() and not (calibrated and name == DEFAULT_CHECKPOINT):
+            raise PredictionInputError(
+                f"fold {fold}: {model_folder / f'fold_{fold}' / name} does not exist; train it (nnUNetv2_train {dataset} "
+                f"{configuration} {fold} -tr {trainer} -p {plans}), drop it from -f, or pass an existing -chk")
+    if not calibrated:
+        return FoldModels(model_folder, folds, name, [1.0] * len(folds))
+    if all((model_folder / f"fold_{f}" / CALIBRATED_CHECKPOINT).is_file() for f in folds):
+        return FoldModels(model_folder, folds, CALIBRATED_CHECKPOINT, [1.0] * len(folds), "calibrated checkpoints")
+    temperatures = []
+    for fold in folds:
+        calibration = model_folder / f"fold_{fold}" / "calibration.json"
+        if not calibration.is_file() or not (model_folder / f"fold_{fold}" / DEFAULT_CHECKPOINT).is_file():
+            raise PredictionInputError(
+                f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): run "
+                f"nnunet-mbls calibrate -d {dataset} -c {configuration} -f {fold} -tr {trainer} -p {plans} first, "
+                f"or predict without --calibrated")
+        temperatures.append(float(json.loads(calibration.read_text())["temperature"]))
+    return FoldModels(model_folder, folds, DEFAULT_CHECKPOINT, temperatures, "temperatures of calibration.json")
+
+
+def check_folders(input_folder: Path, output_folder: Path) -> None:
+    if not input_folder.is_dir():
+        raise PredictionInputError(f"-i {input_folder} is not a folder; pass the folder of input images")
+    out, inp = output_folder.resolve(), input_folder.resolve()
+    if out == inp or inp in out.parents:
+        raise PredictionInputError(f"-o {output_folder} is the input folder -i {input_folder} or inside it; nnU-Net "
+                                   f"would read our outputs as input images: choose another output folder")
+
+
+def _fold_loop_logits(predictor, data: torch.Tensor, temperatures: Sequence[float], stats: FoldStatistics) -> torch.Tensor:
+    """nnU-Net's ``predict_logits_from_preprocessed_data`` with each fold's logits also given to ``stats``.
+
+    Same arithmetic as nnU-Net: the first fold's tensor accumulates the others in place, then is divided by
+    the number of folds, so the result is bit-identical to ``nnUNetv2_predict``'s logits.
+    """
+    from torch._dynamo import OptimizedModule
+
+    from nnunetv2.configuration import default_num_processes
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(default_num_processes if default_num_processes < n_threads else n_threads)
+    prediction = None
+    for params, temperature in zip(predictor.list_of_parameters, temperatures):
+        network = predictor.network._orig_mod if isinstance(predictor.network, OptimizedModule) else predictor.network
+        network.load_state_dict(params)
+        logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
+        if temperature != 1.0:
+            logits /= temperature
+        stats.add(logits)
+        if prediction is None:
+            prediction = logits
+        else:
+            prediction += logits
+    if len(predictor.list_of_parameters) > 1:
+        prediction /= len(predictor.list_of_parameters)
+    torch.set_num_threads(n_threads)
+    return prediction
+
+
+def _preprocessed_cases(predictor, list_of_lists, output_truncated, num_processes: int) -> Iterator[dict]:
+    """nnU-Net's preprocessing: its background iterator, or its sequential ``run_case`` with ``-npp 0``."""
+    if num_processes > 0:
+        for item in predictor._internal_get_data_iterator_from_lists_of_filenames(
+                list_of_lists, None, output_truncated, num_processes):
+            data = item["data"]
+            if isinstance(data, str):  # nnU-Net hands large arrays over as temporary .npy files
+                path, data = data, torch.from_numpy(np.load(data))
+                os.remove(path)
+            yield {"data": data, "data_properties": item["data_properties"], "ofile": item["ofile"]}
+        return
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    for files, ofile in zip(list_of_lists, output_truncated):
+        data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
+                                                    predictor.configuration_manager, predictor.dataset_json)
+        yield {"data": torch.from_numpy(data), "data_properties": properties, "ofile": ofile}
+
+
+def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, dataset: str | int,
+            configuration: str, folds: Sequence[str | int], trainer: str, plans: str = "nnUNetPlans",
+            checkpoint: str | None = None, calibrated: bool = False, maps: Sequence[str] = (),
+            maps_dtype: str = "float32", device: str = "cuda", step_size: float = 0.5, disable_tta: bool = False,
+            num_processes_preprocessing: int = 3, flag_rule: FlagRule | None = None,
+            boundary_width: int = DEFAULT_BOUNDARY_WIDTH) -> Path:
+    """``nnunet-mbls predict``; returns the path of ``qc.csv``. See the module docstring and the README."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from ..geometry import network_to_original
+
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    check_folders(input_folder, output_folder)
+    dataset_name = maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
+    model_folder = Path(get_output_folder(dataset_name, trainer, plans, configuration))
+    if not model_folder.is_dir():
+        raise PredictionInputError(f"no trained model in {model_folder}; check -d/-c/-tr/-p or train first")
+    models = resolve_folds(model_folder, folds, checkpoint, calibrated, dataset_name, configuration, trainer, plans)
+    plans_json = json.loads((model_folder / "plans.json").read_text())
+    check_map_request(maps, maps_dtype, plans_json.get("image_reader_writer"))
+    rule = flag_rule or default_flag_rule(len(models.folds))
+    if rule.score == "mean_fold_dice" and len(models.folds) < 2:
+        raise PredictionInputError("--flag-score mean_fold_dice needs at least 2 folds (-f 0 1 ...); choose an entropy score")
+
+    torch_device = torch.device(device)
+    if torch_device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)  # as nnUNetv2_predict does on the CPU
+    predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
+                                perform_everything_on_device=True, device=torch_device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in models.folds],
+                                                   checkpoint_name=models.checkpoint)
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise PredictionInputError(f"{configuration} is a cascade stage; nnunet-mbls predict supports single-stage "
+                                   f"configurations (2d, 3d_fullres, 3d_lowres)")
+    output_folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
+        atomic_write_json(output_folder / name, content)  # as nnUNetv2_predict: evaluate/maps find them here
+    list_of_lists, output_truncated, _ = predictor._manage_input_and_output_lists(
+        str(input_folder), str(output_folder), None, True, 0, 1, False)
+    if not list_of_lists:
+        raise PredictionInputError(f"no input images ending in _0000{predictor.dataset_json['file_ending']} in {input_folder}")
+
+    label_manager = predictor.label_manager
+    foreground = {int(v): k for k, v in predictor.dataset_json["labels"].items() if k != "ignore" and int(v) != 0}
+    writer = MapWriter(output_folder / "maps", maps_dtype)
+    ending = predictor.dataset_json["file_ending"]
+    rows = {}
+    cases = _preprocessed_cases(predictor, list_of_lists, output_truncated, num_processes_preprocessing)
+    for item in tqdm(cases, total=len(list_of_lists), desc=f"predict ({len(models.folds)} fold(s))", unit="case"):
+        case = os.path.basename(item["ofile"])
+        properties = item["data_properties"]
+        stats = FoldStatistics(keep_probabilities="mutual_information" in maps, keep_segmentations=len(models.folds) >= 2)
+        with torch.inference_mode():  # nnU-Net's sliding window returns inference tensors
+            logits = _fold_loop_logits(predictor, item["data"], models.temperatures, stats)
+            mi = stats.mutual_information().numpy()[None] if "mutual_information" in maps else None
+        segmentation, probabilities = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.numpy(), predictor.plans_manager, predictor.configuration_manager, label_manager, properties,
+            return_probabilities=True)
+        seg_file = output_folder / f"{case}{ending}"
+        rw = predictor.plans_manager.image_reader_writer_class()
+        atomic_write(seg_file, lambda tmp: rw.write_seg(segmentation, tmp, properties), suffix=ending)
+        h = entropy(probabilities)
+        if mi is not None:
+            mi = network_to_original(mi, properties, predictor.plans_manager, predictor.configuration_manager)[0]
+        if maps:
+            import SimpleITK as sitk
+
+            write_case_maps(writer, case, probabilities, sitk.ReadImage(str(seg_file)), maps, foreground, h, mi)
+        fold_dice = stats.fold_dice(sorted(foreground)) if len(models.folds) >= 2 else None
+        rows[case] = case_scores(segmentation, probabilities, properties["spacing"], foreground, boundary_width,
+                                 fold_dice, h)
+    settings = {"command": "predict", "model": str(model_folder), "folds": models.folds, "checkpoint": models.checkpoint,
+                "calibration": models.calibration, "temperatures_applied_to_logits": models.temperatures,
+                "tta": not disable_tta, "step_size": step_size, "maps": list(maps), "maps_dtype": maps_dtype,
+                "boundary_width": boundary_width}
+    return write_qc_table(rows, rule, output_folder, settings)
+
+
+def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str | os.PathLike,
+                            temperature: float | None = None, calibration_json: str | os.PathLike | None = None,
+                            maps: Sequence[str] = ("probabilities",), maps_dtype: str = "float32",
+                            flag_rule: FlagRule | None = None, boundary_width: int = DEFAULT_BOUNDARY_WIDTH) -> Path:
+    """``nnunet-mbls maps``: maps and QC from a ``nnUNetv2_predict --save_probabilities`` folder.
+
+    Each ``<case>.npz`` (probabilities on the image grid) needs its ``<case>.pkl`` (spacing) and the
+    segmentation ``<case><ending>`` nnU-Net wrote beside it (the geometry template). With a temperature, the
+    probabilities become normalize(p ** (1/T)) first (argmax, hence the segmentation, is unchanged).
+    """
+    import SimpleITK as sitk
+
+    from ..calibration.temperature import apply_temperature
+
+    input_folder, output_folder = Path(input_folder), Path(output_folder)
+    if not input_folder.is_dir():
+        raise PredictionInputError(f"-i {input_folder} is not a folder; pass a nnUNetv2_predict --save_probabilities output")
+    if output_folder.resolve() == input_folder.resolve():
+        raise PredictionInputError(f"-o {output_folder} is the input folder; choose another folder (nothing is overwritten)")
+    if temperature is not None and calibration_json is not None:
+        raise PredictionInputError("pass either -t T or --calibration-json F, not both")
+    if calibration_json is not None:
+        temperature = float(json.loads(Path(calibration_json).read_text())["temperature"])
+    dataset_json_file = input_folder / "dataset.json"
+    if not dataset_json_file.is_file():
+        raise PredictionInputError(f"{dataset_json_file} is missing; nnUNetv2_predict writes it into its output folder")
+    dataset_json = json.loads(dataset_json_file.read_text())
+    plans_file = input_folder / "plans.json"
+    reader = json.loads(plans_file.read_text()).get("image_reader_writer") if plans_file.is_file() else None
+    check_map_request(maps, maps_dtype, reader)
+    ending = dataset_json["file_ending"]
+    npz_files = sorted(input_folder.glob("*.npz"))
+    if not npz_files:
+        raise PredictionInputError(f"no .npz files in {input_folder}; predict with nnUNetv2_predict ... --save_probabilities")
+    for npz in npz_files:
+        for needed in (npz.with_suffix(".pkl"), input_folder / f"{npz.stem}{ending}"):
+            if not needed.is_file():
+                raise PredictionInputError(f"{needed} is missing: maps need the .pkl and the segmentation that "
+                                           f"nnUNetv2_predict writes next to each .npz")
+    foreground = {int(v): k for k, v in dataset_json["labels"].items() if k != "ignore" and int(v) != 0}
+    rule = flag_rule or default_flag_rule(1)
+    if rule.score == "mean_fold_dice":
+        raise PredictionInputError("--flag-score mean_fold_dice needs the folds' predictions: use nnunet-mbls predict")
+    writer = MapWriter(output_folder / "maps", maps_dtype)
+    rows = {}
+    for npz in tqdm(npz_files, desc="maps", unit="case"):
+        case = npz.stem
+        with np.load(npz) as data:
+            probabilities = data["probabilities"].astype(np.float32, copy=False)
+        if temperature is not None:
+            probabilities = apply_temperature(probabilities, temperature)
+        with open(npz.with_suffix(".pkl"), "rb") as f:
+            properties = pickle.load(f)
+        template = sitk.ReadImage(str(input_folder / f"{case}{ending}"))
+        segmentation = probabilities.argmax(0)
+        h = entropy(probabilities)
+        write_case_maps(writer, case, probabilities, template, maps, foreground, h)
+        rows[case] = case_scores(segmentation, probabilities, properties["spacing"], foreground, boundary_width,
+                                 entropy_map=h)
+    settings = {"command": "maps", "input": str(input_folder), "temperature": temperature, "maps": list(maps),
+                "maps_dtype": maps_dtype, "boundary_width": boundary_width}
+    return write_qc_table(rows, rule, output_folder, settings)
