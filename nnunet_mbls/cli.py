@@ -66,7 +66,7 @@ def print_metrics(result: dict) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_trained_model
-    from .grid import Cell, dataset_name
+    from .benchmark.grid import Cell, dataset_name
 
     if args.if_missing and Cell(dataset_name(args.d), args.c, str(args.f), args.tr, args.p).is_calibrated():
         print("calibration.json is up to date; nothing to do (--if-missing)")
@@ -139,10 +139,10 @@ def add_map_and_flag_options(p: argparse.ArgumentParser, default_maps) -> None:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from .grid import make_grid
+    from .benchmark.grid import make_grid
 
     if args.emit_jobs:
-        from .jobs import SlurmOptions, emit_jobs
+        from .benchmark.jobs import SlurmOptions, emit_jobs
 
         slurm = SlurmOptions(gpus=args.slurm_gpus or max(1, args.num_gpus), time=args.slurm_time, cpus=args.slurm_cpus,
                              mem=args.slurm_mem, partition=args.slurm_partition)

@@ -48,7 +48,7 @@ def set_nnunet_environment(out: Path, device: str) -> None:
 
 def plan_and_preprocess(dataset_id: int, log_file: Path) -> None:
     """nnU-Net's own planning and preprocessing (2d configuration), once."""
-    from .grid import dataset_name
+    from .benchmark.grid import dataset_name
 
     preprocessed = Path(os.environ["nnUNet_preprocessed"])
     if (preprocessed / dataset_name(dataset_id) / "nnUNetPlans_2d").is_dir():

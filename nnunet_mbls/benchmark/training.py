@@ -9,8 +9,8 @@ import sys
 import torch
 from tqdm import tqdm
 
+from ..paths import env_with_ext_trainers
 from .grid import Cell
-from .paths import env_with_ext_trainers
 
 
 def train_cell(cell: Cell, device: str = "cuda", epochs: int | None = None, iterations: int | None = None,

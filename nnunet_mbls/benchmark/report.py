@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io import atomic_write, atomic_write_json, atomic_write_text
+from ..plotting import default_style
 from .grid import Cell
-from .io import atomic_write, atomic_write_json, atomic_write_text
-from .plotting import default_style
 
 METRICS = ("dice", "hd95", "ece", "cece", "nll", "brier")
 #: which direction is better, for "wins" counts
@@ -205,7 +205,7 @@ def plot_scatter(results: dict, path: Path, dataset: str) -> None:
 
 def write_results(dataset: str, results: dict, out_folder: Path, description: str = "") -> Path:
     """results.{md,csv,json}, reliability.png (all trainers overlaid) and ece_vs_dice.png."""
-    from .calibration.reliability import plot_reliability
+    from ..calibration.reliability import plot_reliability
 
     out_folder.mkdir(parents=True, exist_ok=True)
     md = markdown(dataset, results, description)

@@ -29,7 +29,7 @@ def dataset_description(dataset: str) -> str:
 def prepare_cell(cell: Cell, train: bool, device: str, epochs: int | None, iterations: int | None,
                  logs: Path, log: Callable[[str], None]) -> None:
     """Train (if asked and unfinished) and calibrate (if missing) one cell."""
-    from .calibrate import calibrate_trained_model
+    from ..calibrate import calibrate_trained_model
     from .training import train_cell
 
     if cell.is_calibrated():

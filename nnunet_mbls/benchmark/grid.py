@@ -44,7 +44,7 @@ class Cell:
 
     def missing_reason(self) -> str:
         """Why an unfinished cell is not in the table, and the command that finishes it."""
-        from .calibrate import calibrate_command
+        from ..calibrate import calibrate_command
 
         if self.is_trained():
             return f"trained, calibration step missing or failed: {calibrate_command(self.folder)}"
