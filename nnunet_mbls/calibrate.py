@@ -18,6 +18,7 @@ costs the same on a 2D toy fold and on a 3D CT fold.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,12 @@ from .evaluation import evaluate_folder
 from .io import atomic_write_json
 
 DEFAULT_MAX_VOXELS = 1_000_000
+#: voxels the temperature is fitted on: "all" inside nnU-Net's crop box, or "fg" (ground truth != 0)
+FIT_REGIONS = ("all", "fg")
+FIT_REGION_VOXELS = {"all": "voxels inside nnU-Net's crop box", "fg": "foreground voxels (ground truth != 0)"}
+DEFAULT_FIT_REGION = "all"
+FIT_REGION_REASON = "all: the default (see docs/BENCHMARKS.md, 'Which voxels to fit T on')"
+ENSEMBLE_FILE = "calibration_ensemble.json"
 #: the fitted T is clipped to this range (a fold where every voxel is right drives T to the lower bound)
 T_BOUNDS = (0.05, 20.0)
 CALIBRATED_CHECKPOINT = "checkpoint_final_calibrated.pth"
@@ -100,31 +107,96 @@ def metric_summary(evaluation: dict) -> dict:
     return {"mean": evaluation["mean"], "pooled": evaluation["pooled"]}
 
 
-def calibrate_output_folder(
-    output_folder: str | os.PathLike,
-    max_voxels: int = DEFAULT_MAX_VOXELS,
-    seed: int = 0,
-    region: str = "fg",
-    log: Callable[..., None] = print,
-    progress: bool = True,
-    expected_cases: list[str] | None = None,
-) -> dict:
-    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files.
+@dataclass
+class TemperatureFit:
+    """One temperature fitted on the validation probabilities of one or several folders, with the metrics."""
 
-    ``expected_cases``: the fold's validation cases (the trainer passes its own split); by default they are read
-    from ``splits_final.json``. A missing ``.npz`` among them is an error, never a silently smaller fit.
-    """
-    folder = Path(output_folder)
+    temperature: float
+    subsample_size: int
+    before: dict
+    after: dict
+
+    @property
+    def at_bound(self) -> str | None:
+        return "lower" if self.temperature <= T_BOUNDS[0] else "upper" if self.temperature >= T_BOUNDS[1] else None
+
+
+def fit_temperature_on(gt: Path, prediction_folders: list[Path], dataset_json: dict, plans: Path | dict | None,
+                       region: str, fit_region: str, max_voxels: int, seed: int, progress: bool,
+                       chill: bool = True) -> TemperatureFit:
+    """Fit T on a seeded uniform subsample of the ``fit_region`` voxels of every case of the folders, then
+    evaluate every case before and after (``region`` voxels). One pass for the metrics and the subsample."""
+    if fit_region not in FIT_REGIONS:
+        raise ValueError(f"fit_region={fit_region!r} is invalid: choose one of {', '.join(FIT_REGIONS)}")
+    subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
+    before = evaluate_folder(
+        gt, prediction_folders, dataset_json, region=region, progress=progress, chill=chill, plans=plans,
+        fit_region=fit_region,
+        on_case=lambda case, probs, ref, mask: subsample.add(torch.from_numpy(probs), torch.from_numpy(ref), torch.from_numpy(mask)),
+    )
+    log_probs, target = subsample.arrays()
+    temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
+    after = evaluate_folder(gt, prediction_folders, dataset_json, region=region, temperature=temperature,
+                            progress=progress, chill=chill, plans=plans)
+    return TemperatureFit(temperature, int(target.numel()), before, after)
+
+
+def write_fit_details(details: Path, fit: TemperatureFit, title: str) -> None:
+    """``evaluation_before.json``, ``evaluation_after.json`` and ``reliability.png`` (before vs after)."""
+    atomic_write_json(details / "evaluation_before.json", fit.before)
+    atomic_write_json(details / "evaluation_after.json", fit.after)
+    plot_reliability(
+        {
+            f"before (ECE {fit.before['mean']['ece']:.4f})": fit.before["reliability"],
+            f"after T={fit.temperature:.3f} (ECE {fit.after['mean']['ece']:.4f})": fit.after["reliability"],
+        },
+        details / "reliability.png",
+        title=title,
+    )
+
+
+def fit_record(fit: TemperatureFit, region: str, fit_region: str, max_voxels: int, seed: int, voxels_of: str) -> dict:
+    """What calibration.json and calibration_ensemble.json say about a fit."""
+    return {
+        "temperature": fit.temperature,
+        "temperature_bounds": list(T_BOUNDS),
+        "temperature_at_bound": fit.at_bound,
+        "fit": {
+            "objective": "mean NLL of softmax(log p / T)",
+            "fit_region": fit_region,
+            "fit_region_default": FIT_REGION_REASON,
+            "voxels": f"uniform subsample of the {FIT_REGION_VOXELS[fit_region]} of {voxels_of}, ignore label excluded",
+            "subsample_size": fit.subsample_size,
+            "max_voxels": max_voxels,
+            "seed": seed,
+        },
+        "metric_region": region,
+        "num_cases": fit.before["num_cases"],
+        "before": metric_summary(fit.before),
+        "after": metric_summary(fit.after),
+    }
+
+
+def log_fit(log: Callable[..., None], what: str, fit: TemperatureFit, region: str) -> None:
+    log(f"nnunet-mbls calibration ({what}): T = {fit.temperature:.4f}; {region} ECE {fit.before['mean']['ece']:.4f} -> "
+        f"{fit.after['mean']['ece']:.4f}, NLL {fit.before['mean']['nll']:.4f} -> {fit.after['mean']['nll']:.4f}")
+    if fit.at_bound:
+        log(
+            f"nnunet-mbls calibration: T hit the {fit.at_bound} bound {fit.temperature:g} of {list(T_BOUNDS)}: "
+            + ("nearly every validation voxel is already right, so the NLL keeps falling as T shrinks"
+               if fit.at_bound == "lower" else "the validation predictions are mostly wrong, so the NLL prefers uniform probabilities")
+            + "; the fit carries little information (a tiny or degenerate validation set?)"
+        )
+
+
+def check_validation_complete(folder: Path, expected_cases: list[str] | None = None) -> None:
+    """CalibrationStepError naming the command unless ``validation/`` holds every validation case's ``.npz``."""
     validation = folder / "validation"
     if not validation.is_dir() or not any(validation.glob("*.npz")):
         raise CalibrationStepError(
             f"{validation} has no .npz probabilities; run {train_command(folder, '--val --npz')} first "
             f"(or nnunet-mbls calibrate, which does it for you)"
         )
-    import json
-
-    dataset_json = json.loads((folder.parent / "dataset.json").read_text())
-    gt = gt_folder_for(folder)
     expected = sorted(expected_cases) if expected_cases is not None else validation_cases_of_fold(folder)
     if expected is not None:
         absent = [case for case in expected if not (validation / f"{case}.npz").is_file()]
@@ -134,75 +206,130 @@ def calibrate_output_folder(
                 f"{' ...' if len(absent) > 10 else ''} ({len(absent)} of {len(expected)}; interrupted validation?); "
                 f"run {train_command(folder, '--val --npz')} first"
             )
-    subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
-    # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
-    plans = folder.parent / "plans.json"  # nnU-Net writes it into every trainer folder
-    before = evaluate_folder(
-        gt, validation, dataset_json, region=region, progress=progress, chill=True, plans=plans,
-        on_case=lambda case, probs, ref, mask: subsample.add(torch.from_numpy(probs), torch.from_numpy(ref), torch.from_numpy(mask)),
-    )
-    log_probs, target = subsample.arrays()
-    temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
-    after = evaluate_folder(gt, validation, dataset_json, region=region, temperature=temperature, progress=progress,
-                            chill=True, plans=plans)
-    at_bound = "lower" if temperature <= T_BOUNDS[0] else "upper" if temperature >= T_BOUNDS[1] else None
 
-    details = folder / "calibration"
-    atomic_write_json(details / "evaluation_before.json", before)
-    atomic_write_json(details / "evaluation_after.json", after)
-    plot_reliability(
-        {
-            f"before (ECE {before['mean']['ece']:.4f})": before["reliability"],
-            f"after T={temperature:.3f} (ECE {after['mean']['ece']:.4f})": after["reliability"],
-        },
-        details / "reliability.png",
-        title=f"{folder.parent.name} {folder.name}: {region} voxels, pooled",
-    )
+
+def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None]) -> str | None:
+    """Fold ``temperature`` into ``folder``'s checkpoint_final_calibrated.pth; None without checkpoint_final.pth."""
     checkpoint = folder / "checkpoint_final.pth"
-    calibrated = None
-    if checkpoint.is_file():
-        fold_temperature_into_checkpoint(checkpoint, folder / CALIBRATED_CHECKPOINT, temperature, overwrite=True)
-        calibrated = CALIBRATED_CHECKPOINT
-    else:
+    if not checkpoint.is_file():
         log(f"nnunet-mbls: {checkpoint} not found (checkpointing disabled?); no calibrated checkpoint written")
+        return None
+    fold_temperature_into_checkpoint(checkpoint, folder / CALIBRATED_CHECKPOINT, temperature, overwrite=True)
+    return CALIBRATED_CHECKPOINT
+
+
+def calibrate_output_folder(
+    output_folder: str | os.PathLike,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    seed: int = 0,
+    region: str = "fg",
+    log: Callable[..., None] = print,
+    progress: bool = True,
+    expected_cases: list[str] | None = None,
+    fit_region: str | None = None,
+    write_checkpoint: bool = True,
+) -> dict:
+    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files.
+
+    ``expected_cases``: the fold's validation cases (the trainer passes its own split); by default they are read
+    from ``splits_final.json``. A missing ``.npz`` among them is an error, never a silently smaller fit.
+    ``write_checkpoint``: fold this fold's T into ``checkpoint_final_calibrated.pth`` (False when an ensemble
+    temperature goes there instead, see :func:`calibrate_ensemble`).
+    """
+    import json
+
+    folder = Path(output_folder)
+    fit_region = fit_region or DEFAULT_FIT_REGION
+    check_validation_complete(folder, expected_cases)
+    dataset_json = json.loads((folder.parent / "dataset.json").read_text())
+    # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
+    fit = fit_temperature_on(gt_folder_for(folder), [folder / "validation"], dataset_json, folder.parent / "plans.json",
+                             region, fit_region, max_voxels, seed, progress)
+    write_fit_details(folder / "calibration", fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
+    calibrated = write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else None
     summary = {
-        "temperature": temperature,
-        "temperature_bounds": list(T_BOUNDS),
-        "temperature_at_bound": at_bound,
-        "fit": {
-            "objective": "mean NLL of softmax(log p / T)",
-            "voxels": "uniform subsample of the voxels inside nnU-Net's crop box of every validation case, ignore label excluded",
-            "subsample_size": int(target.numel()),
-            "max_voxels": max_voxels,
-            "seed": seed,
-        },
-        "metric_region": region,
-        "num_cases": before["num_cases"],
-        "before": metric_summary(before),
-        "after": metric_summary(after),
+        **fit_record(fit, region, fit_region, max_voxels, seed, "every validation case of this fold"),
         "calibrated_checkpoint": calibrated,
+        "checkpoint_temperature": fit.temperature if calibrated else None,
+        "checkpoint_calibration": "this fold's temperature" if calibrated else None,
         "nnunet_mbls_version": __version__,
     }
     atomic_write_json(folder / "calibration.json", summary)
-    log(
-        f"nnunet-mbls calibration: T = {temperature:.4f}; {region} ECE {before['mean']['ece']:.4f} -> "
-        f"{after['mean']['ece']:.4f}, NLL {before['mean']['nll']:.4f} -> {after['mean']['nll']:.4f}"
-        + (f"; wrote {calibrated}" if calibrated else "")
-    )
-    if at_bound:
-        log(
-            f"nnunet-mbls calibration: T hit the {at_bound} bound {temperature:g} of {list(T_BOUNDS)}: "
-            + ("nearly every validation voxel is already right, so the NLL keeps falling as T shrinks"
-               if at_bound == "lower" else "the validation predictions are mostly wrong, so the NLL prefers uniform probabilities")
-            + "; the fit carries little information (a tiny or degenerate validation set?)"
-        )
+    log_fit(log, folder.name, fit, region)
+    return summary
+
+
+def calibrate_ensemble(
+    folders: list[str | os.PathLike],
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    seed: int = 0,
+    region: str = "fg",
+    fit_region: str | None = None,
+    log: Callable[..., None] = print,
+    progress: bool = True,
+) -> dict:
+    """One temperature for the ensemble of ``folders`` (fold folders of one trainer), folded into each.
+
+    nnU-Net's predictor averages the folds' logits, so T folded into every fold's head gives exactly
+    softmax(mean_k l_k / T). T is fitted on the pooled out-of-fold validation cases (each case predicted by
+    the fold that did not train on it). Each fold's own calibration step runs too (its T stays in its
+    calibration.json); ``<trainer folder>/calibration_ensemble.json`` and ``calibration_ensemble/`` hold the
+    pooled fit; every fold's calibration.json says that its calibrated checkpoint holds the ensemble T.
+    """
+    import json
+
+    folders = [Path(f) for f in folders]
+    fit_region = fit_region or DEFAULT_FIT_REGION
+    parents = {f.resolve().parent for f in folders}
+    if len(parents) != 1 or len(set(folders)) != len(folders):
+        raise CalibrationStepError(f"the folds of an ensemble must be distinct folds of one trainer folder, got {folders}")
+    trainer_folder = parents.pop()
+    for folder in folders:
+        calibrate_output_folder(folder, max_voxels, seed, region, log, progress, fit_region=fit_region,
+                                write_checkpoint=False)
+    dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
+    fit = fit_temperature_on(gt_folder_for(folders[0]), [f / "validation" for f in folders], dataset_json,
+                             trainer_folder / "plans.json", region, fit_region, max_voxels, seed, progress)
+    fold_names = [f.name[len("fold_"):] for f in folders]
+    write_fit_details(trainer_folder / "calibration_ensemble", fit,
+                      f"{trainer_folder.name} folds {', '.join(fold_names)}: {region} voxels, pooled out-of-fold")
+    return finish_shared_temperature(trainer_folder, folders, fit, region, fit_region, max_voxels, seed,
+                                     f"the out-of-fold validation cases of folds {', '.join(fold_names)}", log)
+
+
+def finish_shared_temperature(trainer_folder: Path, folders: list[Path], fit: TemperatureFit, region: str,
+                              fit_region: str, max_voxels: int, seed: int, voxels_of: str,
+                              log: Callable[..., None], **extra) -> dict:
+    """Fold a shared T into every fold, record it in each calibration.json and in calibration_ensemble.json."""
+    import json
+
+    fold_temperatures = {}
+    for folder in folders:
+        calibrated = write_calibrated_checkpoint(folder, fit.temperature, log)
+        record_file = folder / "calibration.json"
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+        fold_temperatures[folder.name] = record.get("temperature")
+        record.update(calibrated_checkpoint=calibrated, checkpoint_temperature=fit.temperature if calibrated else None,
+                      checkpoint_calibration=f"shared temperature of folds {[f.name for f in folders]} "
+                                             f"(../{ENSEMBLE_FILE})" if calibrated else None)
+        atomic_write_json(record_file, record)
+    summary = {
+        **fit_record(fit, region, fit_region, max_voxels, seed, voxels_of),
+        "folds": [f.name[len("fold_"):] for f in folders],
+        "fold_temperatures": fold_temperatures,
+        "calibrated_checkpoints": f"{CALIBRATED_CHECKPOINT} of every listed fold holds this temperature",
+        **extra,
+        "nnunet_mbls_version": __version__,
+    }
+    atomic_write_json(trainer_folder / ENSEMBLE_FILE, summary)
+    log_fit(log, f"shared by folds {', '.join(summary['folds'])}", fit, region)
     return summary
 
 
 def calibrate_trained_model(
     dataset: str,
     configuration: str,
-    fold: int | str,
+    fold: int | str | list,
     trainer: str,
     plans: str = "nnUNetPlans",
     device: str = "cuda",
@@ -210,9 +337,83 @@ def calibrate_trained_model(
 ) -> dict:
     """``nnunet-mbls calibrate``: the calibration step for any trained model, stock nnUNetTrainer included.
 
-    Runs nnU-Net's own final validation with probabilities first when ``validation/`` lacks the ``.npz`` of
-    a validation case (never validated with probabilities, or an interrupted validation).
+    ``fold``: one fold (its own T, today's behaviour) or a list of folds (one T for their ensemble, see
+    :func:`calibrate_ensemble`). Runs nnU-Net's own final validation with probabilities first where
+    ``validation/`` lacks the ``.npz`` of a validation case (never validated with probabilities, an interrupted
+    validation, or a trainer that deleted them after its own calibration step).
     """
+    folds = [str(f) for f in fold] if isinstance(fold, (list, tuple)) else [str(fold)]
+    folders = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device) for f in folds]
+    if len(folders) == 1:
+        return calibrate_output_folder(folders[0], **kwargs)
+    return calibrate_ensemble(folders, **kwargs)
+
+
+def calibrate_on_calibration_set(
+    dataset: str, configuration: str, folds: list, trainer: str, plans: str, images: str | os.PathLike,
+    labels: str | os.PathLike, device: str = "cuda", step_size: float = 0.5, disable_tta: bool = False,
+    max_voxels: int = DEFAULT_MAX_VOXELS, seed: int = 0, region: str = "fg", fit_region: str | None = None,
+    log: Callable[..., None] = print, progress: bool = True,
+) -> dict:
+    """One temperature for the ensemble of ``folds``, fitted on its actual output on a labelled held-out set.
+
+    nnU-Net's own predictor (the listed folds' ``checkpoint_final.pth``, mirroring TTA unless ``disable_tta``,
+    ``step_size``: the ensemble as deployed) predicts ``images`` with probabilities into a temporary folder
+    inside the trainer folder (deleted afterwards; peak disk: one float32 .npz per case, compressed); T is
+    fitted on their voxels against ``labels`` and folded into every listed fold like an ensemble T.
+    """
+    import json
+    import tempfile
+
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    images, labels = Path(images), Path(labels)
+    for name, folder in (("IMAGES", images), ("LABELS", labels)):
+        if not folder.is_dir():
+            raise CalibrationStepError(f"--calibration-set {name} {folder} is not a folder; pass the held-out images "
+                                       f"(nnU-Net naming, CASE_0000.nii.gz) and their reference segmentations")
+    fit_region = fit_region or DEFAULT_FIT_REGION
+    model_folder = Path(get_output_folder(dataset, trainer, plans, configuration))
+    folders = [model_folder / f"fold_{f}" for f in folds]
+    for folder in folders:
+        if not (folder / "checkpoint_final.pth").is_file():
+            raise CalibrationStepError(f"{folder / 'checkpoint_final.pth'} does not exist: train first with "
+                                       f"{train_command(folder)}")
+    dataset_json = json.loads((model_folder / "dataset.json").read_text())
+    with tempfile.TemporaryDirectory(prefix=".calibration_set_", dir=model_folder) as tmp:
+        predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
+                                    perform_everything_on_device=True, device=torch.device(device), verbose=False,
+                                    verbose_preprocessing=False, allow_tqdm=progress)
+        predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
+                                                       "checkpoint_final.pth")
+        predictor.predict_from_files_sequential(str(images), tmp, save_probabilities=True, overwrite=True)
+        fit = fit_temperature_on(labels, [Path(tmp)], dataset_json, model_folder / "plans.json", region, fit_region,
+                                 max_voxels, seed, progress)
+    write_fit_details(model_folder / "calibration_ensemble", fit,
+                      f"{model_folder.name} folds {', '.join(map(str, folds))}: calibration set, {region} voxels")
+    return finish_shared_temperature(
+        model_folder, folders, fit, region, fit_region, max_voxels, seed,
+        f"the {fit.before['num_cases']} cases of the calibration set {images}", log,
+        fit_data={"calibration_set": {"images": str(images.resolve()), "labels": str(labels.resolve()),
+                                      "tta": not disable_tta, "step_size": step_size}})
+
+
+def ensemble_is_current(folders: list[Path]) -> bool:
+    """calibration_ensemble.json lists exactly these folds and is newer than each fold's checkpoint_final.pth."""
+    import json
+
+    record = folders[0].resolve().parent / ENSEMBLE_FILE
+    if not record.is_file() or any(not (f / "checkpoint_final.pth").is_file() for f in folders):
+        return False
+    listed = sorted(json.loads(record.read_text()).get("folds", []))
+    newest = max((f / "checkpoint_final.pth").stat().st_mtime for f in folders)
+    return listed == sorted(f.name[len("fold_"):] for f in folders) and record.stat().st_mtime >= newest
+
+
+def prepare_fold_for_calibration(dataset: str, configuration: str, fold: str, trainer: str, plans: str,
+                                 device: str) -> Path:
+    """The fold folder, trained, with every validation case's probabilities (validation is run if needed)."""
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     folder = Path(get_output_folder(dataset, trainer, plans, configuration, fold))
@@ -225,7 +426,7 @@ def calibrate_trained_model(
     have = {npz.name[: -len(".npz")] for npz in (folder / "validation").glob("*.npz")}
     if not have or (expected is not None and not set(expected) <= have):
         run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device)
-    return calibrate_output_folder(folder, **kwargs)
+    return folder
 
 
 def run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device) -> None:

@@ -65,16 +65,25 @@ def print_metrics(result: dict) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate_trained_model
     from .benchmark.grid import Cell, dataset_name
+    from .calibrate import calibrate_on_calibration_set, calibrate_trained_model, ensemble_is_current
 
-    if args.if_missing and Cell(dataset_name(args.d), args.c, str(args.f), args.tr, args.p).is_calibrated():
-        print("calibration.json is up to date; nothing to do (--if-missing)")
+    common = dict(max_voxels=args.max_voxels, seed=args.seed, region=args.region, fit_region=args.fit_region)
+    if args.calibration_set:
+        summary = calibrate_on_calibration_set(args.d, args.c, args.f, args.tr, args.p, *args.calibration_set,
+                                               device=args.device, step_size=args.step_size,
+                                               disable_tta=args.disable_tta, **common)
+        print(f"T = {summary['temperature']:.4f} (calibration set), folded into folds {', '.join(summary['folds'])}")
         return 0
-
-    summary = calibrate_trained_model(args.d, args.c, args.f, args.tr, args.p, device=args.device,
-                                      max_voxels=args.max_voxels, seed=args.seed, region=args.region)
-    print(f"T = {summary['temperature']:.4f}")
+    if args.if_missing:
+        cells = [Cell(dataset_name(args.d), args.c, str(f), args.tr, args.p) for f in args.f]
+        if len(cells) == 1 and cells[0].is_calibrated() or len(cells) > 1 and ensemble_is_current([c.folder for c in cells]):
+            print("calibration is up to date; nothing to do (--if-missing)")
+            return 0
+    summary = calibrate_trained_model(args.d, args.c, args.f if len(args.f) > 1 else args.f[0], args.tr, args.p,
+                                      device=args.device, **common)
+    shared = f", shared by folds {', '.join(summary['folds'])}" if "folds" in summary else ""
+    print(f"T = {summary['temperature']:.4f}{shared}")
     return 0
 
 
@@ -245,17 +254,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", help="output JSON (default: PRED/calibration_metrics_<region>.json); a reliability PNG is written next to it")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("calibrate", help="fit temperature scaling on a trained fold; write calibration.json and checkpoint_final_calibrated.pth")
+    p = sub.add_parser("calibrate", help="fit temperature scaling on trained folds; write calibration.json and checkpoint_final_calibrated.pth")
     p.add_argument("-d", required=True, help="dataset name or id")
     p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    p.add_argument("-f", required=True, help="fold")
+    p.add_argument("-f", nargs="+", required=True,
+                   help="fold(s); several folds get ONE temperature fitted on their pooled out-of-fold validation cases "
+                        "and folded into each (the calibrated ensemble of nnUNetv2_predict -f ...)")
     p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer: stock models work too)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("-device", default=default_device(), help="device for a missing validation run (default: cuda if available, else cpu)")
+    p.add_argument("--calibration-set", nargs=2, metavar=("IMAGES", "LABELS"),
+                   help="fit T on the listed folds' ensemble output (nnU-Net's predictor, TTA as deployed) on a labelled "
+                        "held-out set instead of the validation cases")
+    p.add_argument("-step_size", type=float, default=0.5, help="--calibration-set: sliding-window step (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="--calibration-set: predict without mirroring, as deployed")
+    p.add_argument("--fit-region", choices=["all", "fg"], default=None,
+                   help="voxels T is fitted on: all (inside nnU-Net's crop box) or fg (ground truth != 0); default all, "
+                        "see docs/BENCHMARKS.md")
     p.add_argument("--max-voxels", type=int, default=1_000_000, help="voxel subsample size for the temperature fit (default 1e6)")
     p.add_argument("--seed", type=int, default=0, help="seed of the voxel subsample (default 0)")
     p.add_argument("--region", choices=["fg", "all", "boundary"], default="fg", help="voxels of the reported metrics (default fg)")
-    p.add_argument("--if-missing", action="store_true", help="do nothing when calibration.json is newer than checkpoint_final.pth")
+    p.add_argument("--if-missing", action="store_true",
+                   help="do nothing when the calibration (of the fold, or of the ensemble of the folds) is newer than the checkpoints")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("apply-temperature", help="rescale the probabilities of .npz files: normalize(p ** (1/T))")

@@ -49,7 +49,7 @@ class Chain:
 def chain(request, tmp_path_factory) -> Chain:
     geometry: Geometry = request.param
     p = planned(geometry, tmp_path_factory)
-    fold = p.train(geometry.trainer)
+    fold = p.train(geometry.trainer, "0", "--npz")  # --npz: the validation probabilities are kept
     root = p.nn.root / "chain"
     plain = p.predict(geometry.trainer, root / "plain")
     calibrated = p.predict(geometry.trainer, root / "calibrated", "checkpoint_final_calibrated.pth")

@@ -11,6 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -228,16 +229,40 @@ def fold_temperature_into_checkpoint(
 ) -> list[str]:
     """Write a copy of nnU-Net checkpoint ``src`` to ``dst`` whose network outputs logits / T.
 
-    The full-resolution head ``decoder.seg_layers.{i}`` with the highest i is linear (logits = W h + b),
-    so its weight and bias are divided by T. Every other entry and all state-dict keys stay as they are,
-    so nnU-Net's predictor loads ``dst`` strictly under any trainer name (stock ``nnUNetTrainer`` too).
+    :func:`fold_logit_affine_into_checkpoint` with scale 1/T and bias 0.
     ``checkpoint['mbls_temperature']`` records the total temperature (T times any already recorded).
-    The optimizer state is copied unchanged: the file is meant for inference.
+    """
+    T = _check_temperature(T)
+    return fold_logit_affine_into_checkpoint(src, dst, 1.0 / T, 0.0, overwrite=overwrite, temperature=T)
+
+
+def fold_logit_affine_into_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    scale: float | Sequence[float],
+    bias: float | Sequence[float] = 0.0,
+    *,
+    overwrite: bool = False,
+    temperature: float | None = None,
+) -> list[str]:
+    """Write a copy of nnU-Net checkpoint ``src`` to ``dst`` whose network outputs scale ⊙ logits + bias.
+
+    The full-resolution head ``decoder.seg_layers.{i}`` with the highest i is a linear 1×1 convolution
+    (logits = W h + b), so class k's weights become scale_k W_k and its bias scale_k b_k + bias_k: zero
+    inference cost, unchanged argmax for a common scale and zero bias (temperature scaling). Averaging over
+    folds and mirroring commutes with this map, so one map folded into every fold transforms the ensemble.
+    Every other weight and all state-dict keys stay as they are, so nnU-Net's predictor loads ``dst``
+    strictly under any trainer name (stock ``nnUNetTrainer`` too). The file is for inference: the optimizer
+    and grad-scaler states (as large as the weights) are left out; ``checkpoint['mbls_logit_affine']``
+    records the map (composed with any map ``src`` already had), and ``temperature`` (T times any already
+    recorded) goes to ``checkpoint['mbls_temperature']``.
+
+    Args:
+        scale, bias: a number, or one value per class (C,); scale > 0.
 
     Returns the modified state-dict keys. ``src`` is never modified; ``dst`` must differ from it and is
     only replaced when ``overwrite`` is True. Raises ValueError when the checkpoint has no such head.
     """
-    T = _check_temperature(T)
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():
         raise ValueError(
@@ -258,9 +283,35 @@ def fold_temperature_into_checkpoint(
             "probabilities instead"
         )
     last = max(weight_heads)
-    modified = [key for i, key in sorted(heads, key=lambda h: h[1].endswith(".bias")) if i == last]
-    for key in modified:
-        weights[key] = weights[key] / T
-    checkpoint["mbls_temperature"] = float(checkpoint.get("mbls_temperature", 1.0)) * T
+    weight_key, bias_key = f"decoder.seg_layers.{last}.weight", f"decoder.seg_layers.{last}.bias"
+    num_classes = weights[weight_key].shape[0]
+    a = _per_class("scale", scale, num_classes)
+    b = _per_class("bias", bias, num_classes)
+    if not bool((a > 0).all()):
+        raise ValueError(f"scale must be > 0 for every class, got {a.tolist()}; a fitted scale is positive")
+    shape = (num_classes,) + (1,) * (weights[weight_key].ndim - 1)
+    weights[weight_key] = weights[weight_key] * a.to(weights[weight_key].dtype).reshape(shape)
+    modified = [weight_key]
+    if bias_key in weights:
+        weights[bias_key] = weights[bias_key] * a.to(weights[bias_key].dtype) + b.to(weights[bias_key].dtype)
+        modified.append(bias_key)
+    elif bool((b != 0).any()):
+        raise ValueError(f"{src}: the segmentation head has no bias, so a nonzero bias cannot be folded into it")
+    earlier = checkpoint.get("mbls_logit_affine", {"scale": [1.0] * num_classes, "bias": [0.0] * num_classes})
+    a0, b0 = torch.tensor(earlier["scale"], dtype=torch.float64), torch.tensor(earlier["bias"], dtype=torch.float64)
+    checkpoint["mbls_logit_affine"] = {"scale": (a * a0).tolist(), "bias": (a * b0 + b).tolist()}
+    if temperature is not None:
+        checkpoint["mbls_temperature"] = float(checkpoint.get("mbls_temperature", 1.0)) * temperature
+    for key in ("optimizer_state", "grad_scaler_state"):
+        checkpoint.pop(key, None)
     atomic_write(dst, lambda tmp: torch.save(checkpoint, tmp))
     return modified
+
+
+def _per_class(name: str, value: float | Sequence[float], num_classes: int) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(num_classes).clone()
+    if t.numel() != num_classes or not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be a finite number or {num_classes} finite values (one per class), got {value!r}")
+    return t

@@ -74,7 +74,8 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
                 f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): run "
                 f"nnunet-mbls calibrate -d {dataset} -c {configuration} -f {fold} -tr {trainer} -p {plans} first, "
                 f"or predict without --calibrated")
-        temperatures.append(float(json.loads(calibration.read_text())["temperature"]))
+        record = json.loads(calibration.read_text())  # the T its calibrated checkpoint would hold (an ensemble T, or its own)
+        temperatures.append(float(record.get("checkpoint_temperature") or record["temperature"]))
     return FoldModels(model_folder, folds, DEFAULT_CHECKPOINT, temperatures, "temperatures of calibration.json")
 
 

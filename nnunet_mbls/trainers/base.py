@@ -129,10 +129,24 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
             self.online_ece.plot(self.logger, self.output_folder)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        # probabilities are needed by the calibration step, so they are always saved
+        # the calibration step needs the probabilities, so they are always exported; when the user did not ask
+        # for them (--npz) they are deleted once the step has succeeded, so training costs no more disk than stock
         super().perform_actual_validation(save_probabilities=True)
         if self.local_rank == 0:
             self.run_calibration_step()
+            if not save_probabilities:
+                self.delete_validation_probabilities()
+
+    def delete_validation_probabilities(self) -> None:
+        """Remove the ``.npz``/``.pkl`` files nnU-Net's export wrote into ``validation/`` for the calibration step."""
+        validation = Path(self.output_folder) / "validation"
+        files = sorted(validation.glob("*.npz")) + sorted(validation.glob("*.pkl"))
+        freed = sum(f.stat().st_size for f in files)
+        for f in files:
+            f.unlink()
+        self.print_to_log_file(
+            f"nnunet-mbls: deleted the {len(files)} validation .npz/.pkl files ({freed / 2**20:.1f} MiB) exported for the "
+            f"calibration step (pass --npz to keep them; nnunet-mbls calibrate exports them again when it needs them)")
 
     def run_calibration_step(self) -> None:
         """Our calibration step on nnU-Net's validation output (rank 0).

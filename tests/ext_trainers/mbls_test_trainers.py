@@ -60,3 +60,7 @@ class nnUNetTrainerMbLS_badcalib_test(ShortBudget, nnUNetTrainerMbLS):
     """Its calibration step fails after training and validation: a subsample of 0 voxels is refused."""
 
     calibration_max_voxels = 0
+
+
+class nnUNetTrainerStockFolds_test(ShortBudget, nnUNetTrainer):
+    """Stock nnU-Net with the test budget, for the fold-ensemble calibration tests only."""

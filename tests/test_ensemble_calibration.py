@@ -1,0 +1,133 @@
+"""One temperature for the fold ensemble, a held-out calibration set, and the fit region, on the transposed,
+rotated, two-channel dataset (``thick_last``) with two folds of stock nnU-Net (test budget).
+
+Independent references: the temperature minimising the NLL of the pooled out-of-fold voxels found with
+scipy's bounded scalar minimiser on numpy arrays read from nnU-Net's files (crop boxes from the raw images),
+and ``nnUNetv2_predict`` of the uncalibrated ensemble tempered by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+from geometry_datasets import GEOMETRIES, VALIDATION, VALIDATION_FOLD_1, array, planned
+
+TRAINER = "nnUNetTrainerStockFolds_test"
+HELD_OUT = ["case_0004", "case_0005"]
+
+
+def nll_fit(log_probs: np.ndarray, labels: np.ndarray) -> float:
+    """argmin_T mean NLL of softmax(log p / T), by scipy's bounded Brent on log T (independent of our Newton)."""
+    def nll(log_t: float) -> float:
+        z = log_softmax(log_probs / np.exp(log_t), axis=1)
+        return -float(np.mean(z[np.arange(labels.size), labels]))
+
+    return float(np.exp(minimize_scalar(nll, bounds=(np.log(0.05), np.log(20)), method="bounded",
+                                        options={"xatol": 1e-9}).x))
+
+
+def voxels(p, case: str, probabilities: np.ndarray, region: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """(log p rows, labels) of the crop-box (or foreground) voxels of a case, ignore label excluded."""
+    ref = array(p.raw / "labelsTr" / f"{case}.nii.gz").astype(np.int64)
+    mask = np.zeros(ref.shape, bool)
+    if region == "all":
+        mask[tuple(slice(a, b) for a, b in p.independent_crop_box(case))] = True
+    else:
+        mask = ref != 0
+    mask &= ref != p.labels["ignore"]
+    return np.log(np.maximum(probabilities[:, mask].T.astype(np.float64), 1e-12)), ref[mask]
+
+
+@pytest.fixture(scope="module")
+def folds(tmp_path_factory):
+    p = planned(GEOMETRIES[0], tmp_path_factory)
+    for fold in ("0", "1"):
+        p.train(TRAINER, fold, "--npz")
+    return p
+
+
+def test_shared_temperature_equals_an_independent_fit_on_the_pooled_out_of_fold_cases(folds):
+    p = folds
+    p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "1", "-tr", TRAINER, "-device", "cpu")
+    trainer_folder = p.fold(TRAINER).parent
+    ensemble = json.loads((trainer_folder / "calibration_ensemble.json").read_text())
+    rows, labels, own = [], [], {}
+    for fold, cases in (("0", VALIDATION), ("1", VALIDATION_FOLD_1)):
+        fold_rows = [voxels(p, c, np.load(trainer_folder / f"fold_{fold}" / "validation" / f"{c}.npz")["probabilities"])
+                     for c in cases]
+        own[fold] = nll_fit(np.concatenate([r for r, _ in fold_rows]), np.concatenate([y for _, y in fold_rows]))
+        rows += [r for r, _ in fold_rows]
+        labels += [y for _, y in fold_rows]
+    shared = nll_fit(np.concatenate(rows), np.concatenate(labels))
+    assert ensemble["temperature"] == pytest.approx(shared, rel=1e-4)
+    assert ensemble["folds"] == ["0", "1"] and ensemble["fit"]["subsample_size"] == sum(y.size for y in labels)
+    for fold in ("0", "1"):
+        record = json.loads((trainer_folder / f"fold_{fold}" / "calibration.json").read_text())
+        assert record["temperature"] == pytest.approx(own[fold], rel=1e-4)  # the fold's own T stays recorded
+        assert record["checkpoint_temperature"] == ensemble["temperature"]
+        assert "calibration_ensemble.json" in record["checkpoint_calibration"]
+        checkpoint = torch.load(trainer_folder / f"fold_{fold}" / "checkpoint_final_calibrated.pth", weights_only=False)
+        assert checkpoint["mbls_temperature"] == pytest.approx(ensemble["temperature"])
+        assert "optimizer_state" not in checkpoint  # the calibrated checkpoint is for inference
+    assert (trainer_folder / "calibration_ensemble" / "reliability.png").stat().st_size > 1000
+    # --if-missing: the ensemble is current, nothing is redone
+    proc = p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "1", "-tr", TRAINER,
+                    "--if-missing")
+    assert "nothing to do" in proc.stdout
+
+
+def test_nnunet_predict_with_the_calibrated_checkpoints_returns_the_tempered_ensemble(folds):
+    p = folds
+    T = json.loads((p.fold(TRAINER).parent / "calibration_ensemble.json").read_text())["temperature"]
+    root = p.nn.root / "ensemble_tests"
+    plain = p.predict(TRAINER, root / "plain", "checkpoint_final.pth", ("0", "1"), HELD_OUT)
+    calibrated = p.predict(TRAINER, root / "calibrated", "checkpoint_final_calibrated.pth", ("0", "1"), HELD_OUT)
+    worst = 0.0
+    for case in HELD_OUT:
+        ensemble = np.load(plain / f"{case}.npz")["probabilities"].astype(np.float64)
+        expected = ensemble ** (1 / T)
+        expected /= expected.sum(0, keepdims=True)
+        got = np.load(calibrated / f"{case}.npz")["probabilities"]
+        inner = (slice(None),) + tuple(slice(a + 2, b - 2) for a, b in p.independent_crop_box(case))
+        worst = max(worst, float(np.abs(got[inner] - expected[inner]).max()))
+    # nnU-Net accumulates the sliding-window logits in fp16: measured here 2e-3 at most, 2 voxels inside the crop box
+    assert worst < 5e-3, worst
+
+
+def test_calibration_set_fits_the_ensemble_output_on_held_out_labels(folds, tmp_path):
+    p = folds
+    images = p.inputs(tmp_path / "images", HELD_OUT)
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for case in HELD_OUT:
+        (labels / f"{case}.nii.gz").symlink_to(p.raw / "labelsTr" / f"{case}.nii.gz")
+    p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "1", "-tr", TRAINER,
+             "--calibration-set", str(images), str(labels), "-device", "cpu")
+    ensemble = json.loads((p.fold(TRAINER).parent / "calibration_ensemble.json").read_text())
+    assert ensemble["fit_data"]["calibration_set"]["images"] == str(images.resolve()) and ensemble["num_cases"] == 2
+    deployed = p.predict(TRAINER, tmp_path / "deployed", "checkpoint_final.pth", ("0", "1"), HELD_OUT)
+    rows = [voxels(p, c, np.load(deployed / f"{c}.npz")["probabilities"]) for c in HELD_OUT]
+    expected = nll_fit(np.concatenate([r for r, _ in rows]), np.concatenate([y for _, y in rows]))
+    assert ensemble["temperature"] == pytest.approx(expected, rel=1e-4)
+    assert not list(p.fold(TRAINER).parent.glob(".calibration_set_*"))  # the temporary predictions are gone
+    for fold in ("0", "1"):
+        record = json.loads((p.fold(TRAINER).parent / f"fold_{fold}" / "calibration.json").read_text())
+        assert record["checkpoint_temperature"] == ensemble["temperature"]
+
+
+def test_fit_region_fg_fits_on_the_foreground_voxels(folds):
+    p = folds
+    p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "--fit-region", "fg",
+             "-device", "cpu")
+    record = json.loads((p.fold(TRAINER) / "calibration.json").read_text())
+    rows = [voxels(p, c, np.load(p.fold(TRAINER) / "validation" / f"{c}.npz")["probabilities"], "fg") for c in VALIDATION]
+    assert record["fit"]["fit_region"] == "fg" and record["fit"]["subsample_size"] == sum(y.size for _, y in rows)
+    assert record["temperature"] == pytest.approx(nll_fit(np.concatenate([r for r, _ in rows]),
+                                                          np.concatenate([y for _, y in rows])), rel=1e-4)
+    assert record["checkpoint_calibration"] == "this fold's temperature"
