@@ -69,6 +69,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_on_calibration_set, calibrate_trained_model, ensemble_is_current
 
     common = dict(max_voxels=args.max_voxels, seed=args.seed, region=args.region, fit_region=args.fit_region)
+    if args.method == "vector":
+        if args.calibration_set:
+            raise ValueError("--method vector fits on the validation logits of the folds; it does not take "
+                             "--calibration-set (use --method temperature there)")
+        from .calibrate import prepare_fold_for_calibration
+        from .vector_scaling import calibrate_vector
+
+        folders = [prepare_fold_for_calibration(args.d, args.c, f, args.tr, args.p, args.device) for f in args.f]
+        summary = calibrate_vector(folders, device=args.device, fallback=not args.no_fallback, **common)
+        print(f"method: {summary['method'].get('chosen')} ({summary['method']['reason']})")
+        return 0
     if args.calibration_set:
         summary = calibrate_on_calibration_set(args.d, args.c, args.f, args.tr, args.p, *args.calibration_set,
                                                device=args.device, step_size=args.step_size,
@@ -268,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "held-out set instead of the validation cases")
     p.add_argument("-step_size", type=float, default=0.5, help="--calibration-set: sliding-window step (default 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="--calibration-set: predict without mirroring, as deployed")
+    p.add_argument("--method", choices=["temperature", "vector"], default="temperature",
+                   help="temperature (default): one scalar T; vector: a scale and bias per class on the logits (one more "
+                        "inference pass over the validation cases), kept only if its cross-validated NLL over cases beats T")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="--method vector: keep vector scaling even when it does not beat temperature scaling (recorded)")
     p.add_argument("--fit-region", choices=["all", "fg"], default=None,
                    help="voxels T is fitted on: all (inside nnU-Net's crop box) or fg (ground truth != 0); default all, "
                         "see docs/BENCHMARKS.md")

@@ -131,3 +131,54 @@ def test_fit_region_fg_fits_on_the_foreground_voxels(folds):
     assert record["temperature"] == pytest.approx(nll_fit(np.concatenate([r for r, _ in rows]),
                                                           np.concatenate([y for _, y in rows])), rel=1e-4)
     assert record["checkpoint_calibration"] == "this fold's temperature"
+
+
+def test_vector_scaling_folded_into_the_ensemble_equals_the_map_on_nnunets_logits(folds, monkeypatch):
+    """nnUNetv2_predict -f 0 1 -chk checkpoint_final_calibrated.pth == softmax(scale * ensemble logits + bias),
+    the logits from nnU-Net's own predictor API with the uncalibrated checkpoints."""
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    p = folds
+    p.nn.apply_env(monkeypatch)
+    p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "1", "-tr", TRAINER,
+             "--method", "vector", "--no-fallback", "-device", "cpu")
+    trainer_folder = p.fold(TRAINER).parent
+    record = json.loads((trainer_folder / "calibration_ensemble.json").read_text())
+    assert record["method"]["requested"] == "vector" and record["method"]["chosen"] in ("vector", "temperature")
+    assert "cross-validated NLL over 4 cases" in record["method"]["reason"]
+    scale, bias = np.array(record["vector_scaling"]["scale"]), np.array(record["vector_scaling"]["bias"])
+    for fold in ("0", "1"):
+        own = json.loads((trainer_folder / f"fold_{fold}" / "calibration.json").read_text())
+        assert own["checkpoint_calibration"].startswith("vector scaling shared by folds")
+    calibrated = p.predict(TRAINER, p.nn.root / "vector_tests" / "calibrated", "checkpoint_final_calibrated.pth",
+                           ("0", "1"), HELD_OUT)
+    predictor = nnUNetPredictor(device=torch.device("cpu"), verbose=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trainer_folder), [0, 1], "checkpoint_final.pth")
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    for case in HELD_OUT:
+        images = sorted(str(f) for f in (p.raw / "imagesTr").glob(f"{case}_*.nii.gz"))
+        data, _, properties = preprocessor.run_case(images, None, predictor.plans_manager,
+                                                    predictor.configuration_manager, predictor.dataset_json)
+        logits = predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).float().numpy()
+        mapped = logits * scale[:, None, None, None] + bias[:, None, None, None]
+        _, expected = convert_predicted_logits_to_segmentation_with_correct_shape(
+            mapped.astype(np.float32), predictor.plans_manager, predictor.configuration_manager,
+            predictor.label_manager, properties, return_probabilities=True)
+        got = np.load(calibrated / f"{case}.npz")["probabilities"]
+        inner = (slice(None),) + tuple(slice(a + 2, b - 2) for a, b in p.independent_crop_box(case))
+        np.testing.assert_allclose(got[inner], expected[inner], atol=5e-3)
+
+
+def test_vector_scaling_of_one_fold_records_its_choice(folds):
+    p = folds
+    p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "1", "-tr", TRAINER,
+             "--method", "vector", "-device", "cpu")
+    record = json.loads((p.fold(TRAINER).parent / "fold_1" / "calibration.json").read_text())
+    assert record["method"]["requested"] == "vector" and "cross-validated NLL over 2 cases" in record["method"]["reason"]
+    checkpoint = torch.load(p.fold(TRAINER).parent / "fold_1" / "checkpoint_final_calibrated.pth", weights_only=False)
+    if record["method"]["chosen"] == "temperature":  # fell back: the ordinary temperature calibration ran
+        assert "does not beat temperature" in record["method"]["reason"]
+        assert checkpoint["mbls_temperature"] == pytest.approx(record["temperature"])
+    else:
+        assert checkpoint["mbls_logit_affine"]["scale"] == pytest.approx(record["vector_scaling"]["scale"])

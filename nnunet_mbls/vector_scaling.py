@@ -1,0 +1,165 @@
+"""``nnunet-mbls calibrate --method vector``: per-class scale and bias, folded into the segmentation head.
+
+Vector scaling must be fitted on logits (see :mod:`nnunet_mbls.calibration.vector`), which nnU-Net's saved
+probabilities do not keep, so this runs one more inference pass over the validation cases, exactly as
+nnU-Net's validation does (its ``nnUNetPredictor`` on the preprocessed case, mirroring TTA, step 0.5), with
+each fold's own network (out-of-fold, as the validation). The logits of each case are kept on disk as
+float16 (in a temporary folder inside the trainer folder) until the transformed ones have been exported.
+
+The fit uses the network grid (nnU-Net's preprocessed segmentation as the target, ignore label excluded):
+a seeded uniform sample of at most ``max_voxels / number of cases`` voxels per case. Vector scaling is kept
+only if its cross-validated NLL over cases beats temperature scaling's; otherwise the ordinary temperature
+calibration runs, and calibration.json records the comparison either way. The metrics after vector
+scaling come from nnU-Net's own export of the transformed logits, evaluated like the validation files.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .calibrate import (CALIBRATED_CHECKPOINT, DEFAULT_MAX_VOXELS, ENSEMBLE_FILE, calibrate_ensemble,
+                        calibrate_output_folder, check_validation_complete, gt_folder_for, metric_summary,
+                        validation_cases_of_fold)
+from .calibration.reliability import plot_reliability
+from .calibration.temperature import fold_logit_affine_into_checkpoint
+from .calibration.vector import apply_vector_scaling, choose_vector_or_temperature, fit_vector_scaling
+from .evaluation import evaluate_folder
+from .io import atomic_write_json
+
+
+def validation_logits(folder: Path, device: str, progress: bool = True):
+    """Yield (case, logits (C, *network grid) float16 tensor, target (*network grid) int64, properties) per
+    validation case of a fold, computed as nnU-Net's ``perform_actual_validation`` computes them."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    fold = folder.name[len("fold_"):]
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=torch.device(device), verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(folder.parent), [fold if fold == "all" else int(fold)],
+                                                   "checkpoint_final.pth")
+    if predictor.configuration_manager.previous_stage_name is not None:
+        raise ValueError("vector scaling supports single-stage configurations, not cascade stages; use --method temperature")
+    data_folder = Path(nnUNet_preprocessed) / folder.parent.parent.name / predictor.configuration_manager.data_identifier
+    cases = validation_cases_of_fold(folder) or sorted(p.name[:-4] for p in (folder / "validation").glob("*.npz"))
+    dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
+    ignore = predictor.label_manager.ignore_label
+    for case in tqdm(dataset.identifiers, desc=f"logits of {folder.name}", disable=not progress):
+        data, seg, _, properties = dataset.load_case(case)
+        with torch.inference_mode():
+            logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(np.asarray(data[:]))).cpu()
+        target = torch.from_numpy(np.asarray(seg[:])[0].astype(np.int64)).clamp_(min=0)  # -1: outside the nonzero mask
+        if ignore is not None:
+            target[target == ignore] = -1
+        yield case, logits, target, properties, predictor
+
+
+def sample_rows(logits: torch.Tensor, target: torch.Tensor, limit: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded uniform sample of at most ``limit`` voxels with a label (target ≥ 0): (rows (n, C), labels (n,))."""
+    flat, labels = logits.reshape(logits.shape[0], -1), target.reshape(-1)
+    index = torch.nonzero(labels >= 0).squeeze(1)
+    if index.numel() > limit:
+        keep = torch.randperm(index.numel(), generator=torch.Generator().manual_seed(seed))[:limit]
+        index = index[keep.sort().values]
+    return flat[:, index].T.float(), labels[index]
+
+
+def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, seed: int = 0, region: str = "fg",
+                     fit_region: str | None = None, device: str = "cpu", log: Callable[..., None] = print,
+                     progress: bool = True, fallback: bool = True) -> dict:
+    """Vector scaling for one fold or, with several, for their ensemble (one map folded into every fold).
+
+    ``fallback``: run temperature scaling instead when vector scaling does not beat it in cross-validation
+    (the default); False keeps vector scaling anyway (the comparison is recorded either way).
+    """
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+
+    folders = [Path(f) for f in folders]
+    trainer_folder = folders[0].resolve().parent
+    for folder in folders:
+        check_validation_complete(folder)
+    cases = [c for f in folders for c in (validation_cases_of_fold(f) or [])]
+    per_case = max(1, max_voxels // max(1, len(cases)))
+    rows, labels, groups, stored = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix=".vector_scaling_", dir=trainer_folder) as tmp:
+        for folder in folders:
+            for case, logits, target, properties, predictor in validation_logits(folder, device, progress):
+                r, y = sample_rows(logits, target, per_case, seed + len(stored))
+                rows.append(r), labels.append(y), groups.append(torch.full((y.numel(),), len(stored)))
+                np.save(Path(tmp) / f"{case}.npy", logits.numpy())
+                stored.append((case, properties, predictor))
+        rows_t, labels_t, groups_t = torch.cat(rows), torch.cat(labels), torch.cat(groups)
+        choice = choose_vector_or_temperature(rows_t, labels_t, groups_t)
+        log(f"nnunet-mbls calibration (--method vector): {choice['reason']}")
+        method = {"requested": "vector", **choice, "fit_grid": "network grid (nnU-Net's preprocessed segmentation)",
+                  "voxels": f"seeded uniform sample of at most {per_case} labelled voxels per case",
+                  "subsample_size": int(labels_t.numel())}
+        method["fallback"] = fallback
+        if choice["chosen"] == "temperature" and fallback:
+            return fall_back_to_temperature(folders, method, max_voxels, seed, region, fit_region, log, progress)
+        scale, bias = fit_vector_scaling(rows_t, labels_t)
+        after_folder = Path(tmp) / "after"
+        after_folder.mkdir()
+        for case, properties, predictor in stored:
+            transformed = apply_vector_scaling(np.load(Path(tmp) / f"{case}.npy").astype(np.float32), scale, bias)
+            export_prediction_from_logits(transformed, properties, predictor.configuration_manager,
+                                          predictor.plans_manager, predictor.dataset_json,
+                                          str(after_folder / case), save_probabilities=True)
+        dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
+        gt, plans = gt_folder_for(folders[0]), trainer_folder / "plans.json"
+        before = evaluate_folder(gt, [f / "validation" for f in folders], dataset_json, region=region, chill=True,
+                                 plans=plans, progress=progress)
+        after = evaluate_folder(gt, after_folder, dataset_json, region=region, chill=True, plans=plans, progress=progress)
+    vector = {"scale": scale.tolist(), "bias": bias.tolist(),
+              "map": "logits -> scale * logits + bias per class, folded into decoder.seg_layers[-1]"}
+    details = folders[0] / "calibration" if len(folders) == 1 else trainer_folder / "calibration_ensemble"
+    atomic_write_json(details / "evaluation_before.json", before)
+    atomic_write_json(details / "evaluation_after.json", after)
+    plot_reliability({f"before (ECE {before['mean']['ece']:.4f})": before["reliability"],
+                      f"after vector scaling (ECE {after['mean']['ece']:.4f})": after["reliability"]},
+                     details / "reliability.png", title=f"{trainer_folder.name}: {region} voxels, pooled")
+    record = {"method": method, "vector_scaling": vector, "metric_region": region, "num_cases": before["num_cases"],
+              "before": metric_summary(before), "after": metric_summary(after), "nnunet_mbls_version": __version__}
+    for folder in folders:
+        fold_logit_affine_into_checkpoint(folder / "checkpoint_final.pth", folder / CALIBRATED_CHECKPOINT, scale, bias,
+                                          overwrite=True)
+        own_file = folder / "calibration.json"
+        if len(folders) == 1:
+            own = dict(record)
+        else:  # the fold's own record (its own temperature, if it had a calibration step) stays
+            own = json.loads(own_file.read_text()) if own_file.is_file() else {}
+        own.update(calibrated_checkpoint=CALIBRATED_CHECKPOINT, checkpoint_temperature=None,
+                   checkpoint_calibration="vector scaling" + (f" shared by folds {[f.name for f in folders]} (../{ENSEMBLE_FILE})"
+                                                              if len(folders) > 1 else " of this fold"),
+                   vector_scaling=vector)
+        atomic_write_json(own_file, own)
+    if len(folders) > 1:
+        atomic_write_json(trainer_folder / ENSEMBLE_FILE, {**record, "folds": [f.name[len("fold_"):] for f in folders]})
+    log(f"nnunet-mbls calibration: vector scaling; {region} ECE {before['mean']['ece']:.4f} -> {after['mean']['ece']:.4f}, "
+        f"NLL {before['mean']['nll']:.4f} -> {after['mean']['nll']:.4f}")
+    return record
+
+
+def fall_back_to_temperature(folders: list[Path], method: dict, max_voxels: int, seed: int, region: str,
+                             fit_region: str | None, log: Callable[..., None], progress: bool) -> dict:
+    """The ordinary temperature calibration, with the vector-vs-temperature comparison recorded."""
+    if len(folders) == 1:
+        summary = calibrate_output_folder(folders[0], max_voxels, seed, region, log, progress, fit_region=fit_region)
+        record_file = folders[0] / "calibration.json"
+    else:
+        summary = calibrate_ensemble(folders, max_voxels, seed, region, fit_region, log, progress)
+        record_file = folders[0].resolve().parent / ENSEMBLE_FILE
+    summary["method"] = method
+    atomic_write_json(record_file, summary)
+    return summary
+

@@ -1,0 +1,81 @@
+"""Vector scaling: the fit recovers a known per-class map, cross-validation over cases guards against
+over-fitting, and folding the map into a checkpoint gives exactly scale * logits + bias."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from nnunet_mbls.calibration.temperature import fold_logit_affine_into_checkpoint
+from nnunet_mbls.calibration.vector import choose_vector_or_temperature, fit_vector_scaling, vector_nll
+
+
+def sample(scale, bias, cases: int, per_case: int, seed: int):
+    """Logits z ~ N(0, 3²) and labels drawn from softmax(scale * z + bias): the true map is known."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(cases * per_case, len(scale), generator=g, dtype=torch.float64) * 3
+    p = torch.softmax(z * torch.tensor(scale) + torch.tensor(bias), dim=1)
+    y = torch.multinomial(p, 1, generator=g).squeeze(1)
+    return z.float(), y, torch.arange(cases).repeat_interleave(per_case)
+
+
+def test_fit_recovers_a_known_per_class_map():
+    scale, bias = [0.5, 1.0, 0.25, 0.8], [0.0, 1.0, -0.5, 0.3]
+    z, y, _ = sample(scale, bias, 1, 200_000, seed=0)
+    a, b = fit_vector_scaling(z, y)
+    torch.testing.assert_close(a, torch.tensor(scale, dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(b, torch.tensor(bias, dtype=torch.float64), atol=0.03, rtol=0)
+    assert vector_nll(z, y, a, b) <= vector_nll(z, y, torch.tensor(scale), torch.tensor(bias)) + 1e-9
+
+
+def test_cross_validation_keeps_temperature_when_the_truth_is_a_temperature():
+    z, y, groups = sample([0.5] * 4, [0.0] * 4, cases=5, per_case=150, seed=1)  # few voxels: 7 parameters over-fit
+    choice = choose_vector_or_temperature(z, y, groups)
+    assert choice["chosen"] == "temperature" and "does not beat temperature" in choice["reason"]
+    assert choice["cv_nll"]["vector"] >= choice["cv_nll"]["temperature"] and choice["splits"] == 5
+
+
+def test_cross_validation_picks_vector_when_classes_need_their_own_scale():
+    z, y, groups = sample([0.2, 1.5, 0.6], [0.0, 2.0, -1.0], cases=6, per_case=3000, seed=2)
+    choice = choose_vector_or_temperature(z, y, groups)
+    assert choice["chosen"] == "vector" and choice["cv_nll"]["vector"] < choice["cv_nll"]["temperature"]
+
+
+def test_one_case_cannot_be_cross_validated():
+    z, y, groups = sample([1.0] * 3, [0.0] * 3, cases=1, per_case=500, seed=3)
+    assert choose_vector_or_temperature(z, y, groups)["chosen"] == "temperature"
+
+
+class Head(nn.Module):
+    """The two last decoder layers of an nnU-Net: a 3x3 convolution, then the linear 1x1 head."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Module()
+        self.decoder.seg_layers = nn.ModuleList([nn.Conv2d(4, 3, 1), nn.Conv2d(4, 3, 1)])
+        self.body = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.decoder.seg_layers[1](torch.relu(self.body(x)))
+
+
+def test_folding_a_per_class_map_gives_scale_times_logits_plus_bias(tmp_path):
+    torch.manual_seed(0)
+    net = Head()
+    src, dst = tmp_path / "checkpoint_final.pth", tmp_path / "checkpoint_final_calibrated.pth"
+    torch.save({"network_weights": net.state_dict(), "optimizer_state": {"x": 1}}, src)
+    scale, bias = torch.tensor([0.5, 2.0, 1.25]), torch.tensor([0.0, -1.0, 0.75])
+    modified = fold_logit_affine_into_checkpoint(src, dst, scale, bias)
+    assert modified == ["decoder.seg_layers.1.weight", "decoder.seg_layers.1.bias"]
+    folded = torch.load(dst, weights_only=False)
+    assert "optimizer_state" not in folded and folded["mbls_logit_affine"]["bias"] == pytest.approx(bias.tolist())
+    calibrated = Head()
+    calibrated.load_state_dict(folded["network_weights"])
+    x = torch.randn(2, 2, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(calibrated(x), net(x) * scale[:, None, None] + bias[:, None, None])
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        fold_logit_affine_into_checkpoint(src, tmp_path / "bad.pth", [1.0, -1.0, 1.0], 0.0)
+    with pytest.raises(ValueError, match="3 finite values"):
+        fold_logit_affine_into_checkpoint(src, tmp_path / "bad.pth", [1.0, 1.0], 0.0)
