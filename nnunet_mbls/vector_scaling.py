@@ -76,11 +76,13 @@ def sample_rows(logits: torch.Tensor, target: torch.Tensor, limit: int, seed: in
 
 def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, seed: int = 0, region: str = "fg",
                      fit_region: str | None = None, device: str = "cpu", log: Callable[..., None] = print,
-                     progress: bool = True, fallback: bool = True) -> dict:
+                     progress: bool = True, fallback: bool = True, write: bool = True) -> dict:
     """Vector scaling for one fold or, with several, for their ensemble (one map folded into every fold).
 
     ``fallback``: run temperature scaling instead when vector scaling does not beat it in cross-validation
     (the default); False keeps vector scaling anyway (the comparison is recorded either way).
+    ``write``: False measures only (the benchmark): nothing is folded or recorded, and the returned record holds
+    the full evaluations before and after.
     """
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
@@ -122,6 +124,8 @@ def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, 
         after = evaluate_folder(gt, after_folder, dataset_json, region=region, chill=True, plans=plans, progress=progress)
     vector = {"scale": scale.tolist(), "bias": bias.tolist(),
               "map": "logits -> scale * logits + bias per class, folded into decoder.seg_layers[-1]"}
+    if not write:
+        return {"method": method, "vector_scaling": vector, "before": before, "after": after}
     details = folders[0] / "calibration" if len(folders) == 1 else trainer_folder / "calibration_ensemble"
     atomic_write_json(details / "evaluation_before.json", before)
     atomic_write_json(details / "evaluation_after.json", after)

@@ -53,7 +53,26 @@ def test_benchmark_trains_calibrates_tabulates_and_resumes(trained_stock_3d, tmp
     assert paired["wins"] == sum(d < 0 for d in diff)
     assert paired["p"] == pytest.approx(wilcoxon(diff).pvalue)
     rows = list(csv.DictReader(open(folder / "results.csv")))
-    assert len(rows) == 2 * 2 * 6  # trainers x stages x metrics
+    assert len([r for r in rows if r["stage"] != "failure_detection"]) == 2 * 2 * 9  # trainers x stages x metrics
+    assert len([r for r in rows if r["stage"] == "failure_detection"]) == 2 * 4 * 3  # trainers x scores x statistics
+    # cases.csv: one row per (trainer, fold, case); its scores are those of nnunet-mbls maps' QC on the same files
+    cases = list(csv.DictReader(open(folder / "cases.csv")))
+    splits = json.loads((nn.preprocessed / dataset / "splits_final.json").read_text())
+    assert sorted((r["trainer"], r["case"]) for r in cases) == sorted((t, c) for t in TRAINERS for c in splits[0]["val"])
+    fold = nn.fold_folder(dataset, "nnUNetTrainerMbLS_test", "3d_fullres")
+    qc_input = tmp_path / "qc_input"
+    qc_input.mkdir()
+    for f in list((fold / "validation").glob("case_*")) + [fold.parent / "dataset.json", fold.parent / "plans.json"]:
+        (qc_input / f.name).symlink_to(f)
+    nn.run("nnunet-mbls", "maps", "-i", str(qc_input), "-o", str(tmp_path / "qc"))
+    qc = {r["case"]: r for r in csv.DictReader(open(tmp_path / "qc" / "qc.csv"))}
+    for row in (r for r in cases if r["trainer"] == "nnUNetTrainerMbLS_test"):
+        for score in ("mean_entropy_fg", "mean_entropy_boundary"):
+            assert float(row[f"{score}_before"]) == pytest.approx(float(qc[row["case"]][score]), rel=1e-6)
+        assert float(row["dice"]) == pytest.approx(mean_case_metric(per_trainer["nnUNetTrainerMbLS_test"], "dice")[row["case"]])
+    detection = results["failure_detection"]
+    assert detection["nnUNetTrainerMbLS_test"]["n_cases"] == len(splits[0]["val"])
+    assert (folder / "risk_coverage.png").stat().st_size > 1000
     md = (folder / "results.md").read_text()
     assert "| nnUNetTrainerMbLS_test |" in md and "Paired difference to nnUNetTrainerStock_test" in md
     assert (folder / "reliability.png").stat().st_size > 1000 and (folder / "ece_vs_dice.png").stat().st_size > 1000

@@ -69,6 +69,7 @@ def run_benchmark(
     epochs: int | None = None,
     iterations: int | None = None,
     log: Callable[[str], None] = print,
+    vector_scaling: bool = False,
 ) -> dict[str, Path]:
     """Run the benchmark; returns dataset name -> results.md path.
 
@@ -89,7 +90,7 @@ def run_benchmark(
                 log(f"FAILED {failures[-1]}")
     written = {}
     for dataset in dict.fromkeys(c.dataset for c in cells):
-        results = build_results([c for c in cells if c.dataset == dataset], baseline)
+        results = build_results([c for c in cells if c.dataset == dataset], baseline, vector_scaling, device)
         written[dataset] = write_results(dataset, results, out / dataset, dataset_description(dataset))
     if failures:
         raise BenchmarkCellsFailed(failures, written)

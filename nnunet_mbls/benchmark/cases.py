@@ -1,0 +1,95 @@
+"""Per (trainer, fold, case) rows of the benchmark: the case's Dice next to its uncertainty scores.
+
+The scores come from the fold's validation probabilities (nnU-Net's ``.npz``) through
+:func:`nnunet_mbls.inference.qc.case_scores`, the function behind ``nnunet-mbls predict``'s QC table, as
+trained and after the fold's temperature (``normalize(p ** (1/T))``); the boundary-band ECE of the case
+comes from the same pass. Out-of-fold validation cases are predicted by one fold each, so the pairwise
+fold Dice of the QC table has no counterpart here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..calibration.metrics import CalibrationAccumulator
+from ..calibration.regions import region_mask
+from ..calibration.temperature import apply_temperature
+from ..evaluation import LabelInfo, reader_for
+from ..inference.qc import case_scores
+from .grid import Cell
+
+#: uncertainty scores of a case (higher = more doubtful), before ("as trained") and after temperature scaling
+SCORES = ("mean_entropy_fg", "mean_entropy_boundary")
+SCORE_STAGES = ("before", "after")
+
+
+def mean_foreground_dice(case_metrics: dict) -> float:
+    """Mean Dice over the foreground classes of a case (NaN classes, empty in both, left out)."""
+    values = [v for v in case_metrics["dice"].values() if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
+
+
+def cell_case_rows(cell: Cell) -> list[dict]:
+    """One row per validation case of a calibrated cell; [] when its validation probabilities are gone."""
+    from ..calibrate import gt_folder_for
+
+    folder = cell.folder
+    calibration = json.loads((folder / "calibration.json").read_text())
+    evaluation = json.loads((folder / "calibration" / "evaluation_before.json").read_text())
+    validation = folder / "validation"
+    if not all((validation / f"{case}.npz").is_file() for case in evaluation["per_case"]):
+        return []
+    dataset_json = json.loads((folder.parent / "dataset.json").read_text())
+    labels = LabelInfo.from_dataset_json(dataset_json)
+    foreground = {v: k for v, k in labels.names.items() if v != 0}
+    gt = gt_folder_for(folder)
+    reader = reader_for(dataset_json, next(gt.iterdir()))
+    rows = []
+    for case, metrics in evaluation["per_case"].items():
+        with np.load(validation / f"{case}.npz") as data:
+            probabilities = data["probabilities"].astype(np.float32, copy=False)
+        with open(validation / f"{case}.pkl", "rb") as f:
+            spacing = pickle.load(f)["spacing"]
+        ref = reader.read_seg(str(gt / f"{case}{dataset_json['file_ending']}"))[0][0].astype(np.int64)
+        row = {"trainer": cell.trainer, "fold": cell.fold, "case": case, "dice": mean_foreground_dice(metrics)}
+        for stage, probs in (("before", probabilities), ("after", apply_temperature(probabilities, calibration["temperature"]))):
+            segmentation = probs.argmax(0)
+            scores = case_scores(segmentation, probs, spacing, foreground)
+            for score in SCORES:
+                row[f"{score}_{stage}"] = scores[score]
+            row[f"ece_boundary_{stage}"] = boundary_ece(probs, ref, labels)
+        rows.append(row)
+    return rows
+
+
+def boundary_ece(probabilities: np.ndarray, ref: np.ndarray, labels: LabelInfo) -> float:
+    """Top-label ECE (15 bins) of the voxels within ±2 voxels of a reference label boundary."""
+    mask = region_mask(ref, "boundary", labels.ignore_label)
+    accumulator = CalibrationAccumulator(labels.num_classes)
+    accumulator.update(torch.from_numpy(probabilities), torch.from_numpy(np.where(mask, ref, 0)), torch.from_numpy(mask))
+    return accumulator.compute()["ece"]
+
+
+CASE_COLUMNS = ("trainer", "fold", "case", "dice",
+                *(f"{score}_{stage}" for stage in SCORE_STAGES for score in (*SCORES, "ece_boundary")))
+
+
+def write_cases_csv(rows: list[dict], path: Path) -> Path:
+    """``cases.csv``: one row per (trainer, fold, case)."""
+    import csv
+    import io
+
+    from ..io import atomic_write_text
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(CASE_COLUMNS))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in CASE_COLUMNS})
+    return atomic_write_text(path, buffer.getvalue())

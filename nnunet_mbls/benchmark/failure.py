@@ -1,0 +1,429 @@
+"""Failure detection: how well a per-case uncertainty score flags failed segmentations.
+
+This is the practical payoff of calibration as measured by ValUES (Kahl et al., ICLR 2024,
+IML-DKFZ/values) and the segmentation failure-detection benchmark of Zenk et al. (MedIA 2025): a
+trainer whose probabilities are better calibrated should give a per-case uncertainty that ranks
+its bad cases last.
+
+Inputs are per-case 1-D arrays of one length ``n`` (one entry per case, the same case order in
+every array):
+
+* ``dice`` -- segmentation quality in [0, 1], higher is better; the **risk** of a case is
+  ``1 - dice``.
+* ``score`` -- uncertainty, **higher = more doubtful**. A quantity where lower is more doubtful
+  (a confidence, e.g. the pairwise Dice between fold predictions) is turned into one with
+  :func:`as_uncertainty` (``higher_is_doubtful=False`` negates it), or negated by the caller.
+
+Cases without a defined Dice (NaN, e.g. empty reference and empty prediction) must be dropped from
+every array by the caller; every function here raises ``ValueError`` on NaN or infinite input.
+
+Conventions (stated once here, repeated where they matter):
+
+* **Ordering and ties.** Cases are accepted in ascending ``score`` (most confident first). Within
+  a group of cases with exactly equal scores no order is preferred: every curve value and every
+  area is the **expected value over uniformly random orderings of the tied cases**. Because the
+  selective risk at a fixed coverage is linear in the risks of the accepted cases, this equals
+  giving every prefix position inside a tie group the group's mean risk.
+* **Selective risk** at coverage ``k/n`` is the mean risk of the ``k`` most confident cases,
+  ``k = 1..n`` (coverage 0 is not a point of the curve).
+* **AURC** is the discrete definition of Geifman et al. (ICLR 2019), ``(1/n) sum_k r_k``, the
+  mean of the ``n`` selective risks. This is the formula ValUES' ``eaurc`` uses for the optimal
+  ranking; ValUES' (fd-shifts') ``aurc`` instead integrates a trapezoid over the distinct score
+  thresholds, which without ties is ``(1/n) [sum_k r_k - (r_1 + r_n) / 2]`` -- an O(1/n)
+  difference -- so our E-AURC of a perfect ranking is exactly 0 where theirs is not.
+* **E-AURC** = AURC - AURC of the optimal ranking (cases sorted by their true risk).
+* **Failure** of a case: ``dice < tau`` (strictly). ``tau`` is usually :func:`default_tau`, the
+  10th percentile of the baseline trainer's Dice on the same cases, and it is held fixed inside
+  the bootstrap.
+* **Intervals** are percentile bootstraps over cases (:func:`bootstrap_ci`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..io import atomic_write
+from ..plotting import default_style
+
+#: percentile of the baseline trainer's Dice that defines a failure (see :func:`default_tau`)
+DEFAULT_TAU_PERCENTILE = 10.0
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _as_cases(values, name: str, *, allow_empty: bool = False) -> np.ndarray:
+    """``values`` as a 1-D float64 array of finite numbers, or ValueError naming ``name``."""
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`{name}` must be a 1-D sequence of numbers, one per case; got {type(values).__name__} "
+                         f"that numpy cannot turn into floats ({e})") from e
+    if array.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D (one value per case); got shape {array.shape}; "
+                         "pass one number per case, e.g. the mean Dice over foreground classes")
+    if array.size == 0 and not allow_empty:
+        raise ValueError(f"`{name}` is empty; pass at least one case")
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"`{name}` contains {array[i]} at case index {i} ({bad.size} non-finite of {array.size}); "
+                         "drop cases without a defined value (e.g. Dice of an empty reference and empty prediction) "
+                         "from every array first")
+    return array
+
+
+def _as_dice(values, name: str = "dice") -> np.ndarray:
+    dice = _as_cases(values, name)
+    outside = np.flatnonzero((dice < 0) | (dice > 1))
+    if outside.size:
+        i = int(outside[0])
+        raise ValueError(f"`{name}` must lie in [0, 1]; case index {i} has {dice[i]}; "
+                         "pass Dice as a fraction (divide percentages by 100)")
+    return dice
+
+
+def _same_length(**arrays: np.ndarray) -> None:
+    (first_name, first), *rest = arrays.items()
+    for name, array in rest:
+        if array.size != first.size:
+            raise ValueError(f"`{name}` has {array.size} values but `{first_name}` has {first.size}; "
+                             "pass one value per case, in the same case order, in every array")
+
+
+def _as_tau(tau) -> float:
+    try:
+        value = float(tau)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"`tau` must be a number (the Dice below which a case counts as failed); got {tau!r}") from e
+    if not math.isfinite(value):
+        raise ValueError(f"`tau` must be finite; got {value}; use default_tau(baseline_dice) or a Dice in [0, 1]")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# direction of a score
+
+
+def as_uncertainty(score, *, higher_is_doubtful: bool) -> np.ndarray:
+    """The score oriented so that higher = more doubtful, as every function here expects.
+
+    ``score``: shape (n,). ``higher_is_doubtful=True`` returns it unchanged (as float64);
+    ``False`` (a confidence, e.g. the pairwise Dice between fold predictions) returns ``-score``.
+    Negation keeps ties and the order reversed exactly, so AURC/AUROC of ``-confidence`` are those
+    of the confidence read the right way round.
+    """
+    if not isinstance(higher_is_doubtful, (bool, np.bool_)):
+        raise ValueError(f"`higher_is_doubtful` must be True or False; got {higher_is_doubtful!r}; "
+                         "True for an uncertainty (entropy, variance), False for a confidence (fold agreement)")
+    array = _as_cases(score, "score")
+    return array.copy() if higher_is_doubtful else -array
+
+
+# ----------------------------------------------------------------------------------------------
+# risk-coverage curve, AURC, E-AURC
+
+
+def _tie_averaged_risk(risk: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Risks in ascending-score order, each tie group's entries replaced by the group's mean risk.
+
+    A group whose risks are all equal keeps that value exactly (no sum/count rounding), so a
+    perfect ranking reproduces ``np.sort(risk)`` bit for bit.
+    """
+    order = np.argsort(score, kind="stable")
+    sorted_score, sorted_risk = score[order], risk[order]
+    _, start, counts = np.unique(sorted_score, return_index=True, return_counts=True)
+    if counts.size == sorted_risk.size:  # no ties
+        return sorted_risk
+    group_sum = np.add.reduceat(sorted_risk, start)
+    group_min = np.minimum.reduceat(sorted_risk, start)
+    group_max = np.maximum.reduceat(sorted_risk, start)
+    group_mean = np.where(group_min == group_max, group_min, group_sum / counts)
+    return np.repeat(group_mean, counts)
+
+
+def _risk_and_score(risk, score) -> tuple[np.ndarray, np.ndarray]:
+    risk = _as_cases(risk, "risk")
+    score = _as_cases(score, "score")
+    _same_length(risk=risk, score=score)
+    return risk, score
+
+
+def risk_coverage(risk, score) -> tuple[np.ndarray, np.ndarray]:
+    """The risk-coverage curve: ``(coverage, selective_risk)``, both float64 of shape (n,).
+
+    ``risk``: shape (n,), the per-case risk (``1 - dice``; any finite numbers). ``score``: shape
+    (n,), uncertainty, higher = more doubtful. Cases are accepted in ascending score (most
+    confident first); ``coverage[k-1] = k/n`` and ``selective_risk[k-1]`` is the mean risk of the
+    ``k`` most confident cases, ``k = 1..n``.
+
+    Ties: for cases with exactly equal scores the value is the expected one over uniformly random
+    orderings of the tied cases, i.e. every prefix position inside a tie group contributes the
+    group's mean risk. (A score constant over all cases gives ``mean(risk)`` at every coverage.)
+    """
+    risk, score = _risk_and_score(risk, score)
+    n = risk.size
+    k = np.arange(1, n + 1, dtype=np.float64)
+    return k / n, np.cumsum(_tie_averaged_risk(risk, score)) / k
+
+
+def aurc(risk, score) -> float:
+    """Area under the risk-coverage curve, discrete definition of Geifman et al. (ICLR 2019).
+
+    ``AURC = (1/n) * sum_{k=1..n} r_k`` with ``r_k`` the selective risk at coverage ``k/n`` of
+    :func:`risk_coverage` (ties: expectation over random orderings of tied cases). Shapes: ``risk``
+    and ``score`` (n,). Lower is better; a score constant over all cases gives ``mean(risk)``.
+    This is not the trapezoid over distinct thresholds of ValUES'/fd-shifts' ``aurc`` (see the
+    module docstring; the two differ by O(1/n)).
+    """
+    _, selective = risk_coverage(risk, score)
+    return float(np.mean(selective))
+
+
+def optimal_aurc(risk) -> float:
+    """AURC of the optimal ranking: cases accepted in ascending true risk. ``risk``: shape (n,)."""
+    risk = _as_cases(risk, "risk")
+    k = np.arange(1, risk.size + 1, dtype=np.float64)
+    return float(np.mean(np.cumsum(np.sort(risk)) / k))
+
+
+def e_aurc(risk, score) -> float:
+    """Excess AURC: ``aurc(risk, score) - optimal_aurc(risk)``.
+
+    0 (exactly) for a ranking that sorts the cases by their true risk (ties in the score only
+    among cases of equal risk); maximal for the reversed ranking (highest risk accepted first).
+    Mathematically >= 0 (rounding can leave a few ulps either side of the true value). Shapes:
+    ``risk`` and ``score`` (n,).
+    """
+    risk, score = _risk_and_score(risk, score)
+    return aurc(risk, score) - optimal_aurc(risk)
+
+
+# ----------------------------------------------------------------------------------------------
+# failures and AUROC
+
+
+def default_tau(baseline_dice) -> float:
+    """The failure threshold: the 10th percentile of the baseline trainer's per-case Dice.
+
+    ``baseline_dice``: shape (m,), the baseline's Dice on the same cases as the trainers being
+    compared. numpy's ``percentile`` with linear interpolation between order statistics
+    (``method="linear"``, numpy's default: position ``0.1 * (m - 1)`` in the sorted values).
+    """
+    dice = _as_dice(baseline_dice, "baseline_dice")
+    return float(np.percentile(dice, DEFAULT_TAU_PERCENTILE, method="linear"))
+
+
+def failure_labels(dice, tau) -> np.ndarray:
+    """Boolean array of shape (n,): True where a case failed, i.e. ``dice < tau`` (strictly)."""
+    return _as_dice(dice) < _as_tau(tau)
+
+
+def auroc_undefined_reason(dice, tau) -> str | None:
+    """Why the failure AUROC is undefined for these cases (one class only), or None when defined."""
+    failed = failure_labels(dice, tau)
+    n, k = failed.size, int(failed.sum())
+    if k == 0:
+        return f"no failed case: all {n} cases have Dice >= tau={float(tau):.4g}"
+    if k == n:
+        return f"every case failed: all {n} cases have Dice < tau={float(tau):.4g}"
+    return None
+
+
+def auroc_failure(dice, score, tau, *, return_reason: bool = False) -> float | tuple[float, str | None]:
+    """ROC AUC of ``score`` for detecting failed cases (failure: ``dice < tau``).
+
+    ``dice``, ``score``: shape (n,); ``score`` is an uncertainty (higher = more doubtful), so 1.0
+    means every failed case is more doubtful than every successful one and 0.5 is chance. Computed
+    by ``sklearn.metrics.roc_auc_score(dice < tau, score)``; tied scores count 1/2 (Mann-Whitney).
+
+    Returns NaN when only one class is present (no failure, or every case failed). With
+    ``return_reason=True`` returns ``(auroc, reason)``, reason None when defined and otherwise the
+    sentence of :func:`auroc_undefined_reason`.
+    """
+    dice = _as_dice(dice)
+    score = _as_cases(score, "score")
+    _same_length(dice=dice, score=score)
+    reason = auroc_undefined_reason(dice, tau)
+    if reason is not None:
+        value = math.nan
+    else:
+        from sklearn.metrics import roc_auc_score
+
+        value = float(roc_auc_score(dice < float(tau), score))
+    return (value, reason) if return_reason else value
+
+
+def _auroc_mann_whitney(failed: np.ndarray, score: np.ndarray) -> float:
+    """The same AUROC as ``roc_auc_score(failed, score)`` from average ranks (Mann-Whitney U / (n1 n0)).
+
+    About 50x faster than scikit-learn's input checks, for the bootstrap of
+    :func:`summarise_failure_detection`; NaN with one class. Inputs already validated.
+    """
+    from scipy.stats import rankdata
+
+    n_failed = int(failed.sum())
+    n_ok = failed.size - n_failed
+    if n_failed == 0 or n_ok == 0:
+        return math.nan
+    rank_sum = float(rankdata(score)[failed].sum())
+    return (rank_sum - n_failed * (n_failed + 1) / 2.0) / (n_failed * n_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# bootstrap
+
+
+class BootstrapInterval(NamedTuple):
+    """A percentile bootstrap interval; unpacks as ``low, high, n_used``."""
+
+    low: float
+    high: float
+    #: resamples whose statistic was defined (not NaN); the interval uses only these
+    n_used: int
+
+
+def bootstrap_ci(stat_fn: Callable[..., float], *arrays, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> BootstrapInterval:
+    """Percentile bootstrap interval of ``stat_fn(*arrays)`` over cases.
+
+    ``arrays``: one or more per-case arrays of equal length n along axis 0 (the same case order).
+    Each of the ``n_boot`` resamples draws n case indices uniformly with replacement
+    (``numpy.random.default_rng(seed).integers(0, n, size=(n_boot, n))``) and applies the **same
+    indices to every array**. Resamples where the statistic is NaN (undefined, e.g. AUROC with one
+    class) are dropped; ``low`` and ``high`` are the ``(1 - level)/2`` and ``(1 + level)/2``
+    quantiles (numpy percentile, linear) of the remaining ``n_used`` values. ``(nan, nan, 0)``
+    when no resample is defined. The same ``seed`` and n give the same resamples, so intervals of
+    different statistics or scores on the same cases are computed on identical resamples.
+    """
+    if not callable(stat_fn):
+        raise ValueError(f"`stat_fn` must be callable (arrays -> float); got {type(stat_fn).__name__}")
+    if not arrays:
+        raise ValueError("bootstrap_ci needs at least one per-case array after `stat_fn`; pass e.g. (aurc, risk, score)")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"`n_boot` must be a positive integer; got {n_boot!r}; 1000 is the usual choice")
+    if not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
+        raise ValueError(f"`level` must lie strictly between 0 and 1; got {level!r}; e.g. 0.95 for a 95% interval")
+    data = [np.asarray(a) for a in arrays]
+    for i, a in enumerate(data):
+        if a.ndim == 0:
+            raise ValueError(f"`arrays[{i}]` is a scalar; pass per-case arrays (cases along axis 0)")
+    n = data[0].shape[0]
+    for i, a in enumerate(data[1:], start=1):
+        if a.shape[0] != n:
+            raise ValueError(f"`arrays[{i}]` has {a.shape[0]} cases but `arrays[0]` has {n}; "
+                             "pass one value per case, in the same case order, in every array")
+    if n == 0:
+        raise ValueError("the arrays are empty; the bootstrap needs at least one case")
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, n, size=(int(n_boot), n))
+    stats = np.array([float(stat_fn(*(a[idx] for a in data))) for idx in indices])
+    defined = stats[~np.isnan(stats)]
+    if defined.size == 0:
+        return BootstrapInterval(math.nan, math.nan, 0)
+    alpha = (1.0 - float(level)) / 2.0
+    low, high = np.percentile(defined, [100.0 * alpha, 100.0 * (1.0 - alpha)], method="linear")
+    return BootstrapInterval(float(low), float(high), int(defined.size))
+
+
+# ----------------------------------------------------------------------------------------------
+# summary and plot
+
+
+def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.ndarray], tau, *,
+                                n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """AURC, E-AURC and failure AUROC of every score, each with its bootstrap interval.
+
+    ``dice``: shape (n,); ``scores``: name -> uncertainty of shape (n,) (higher = more doubtful;
+    orient confidences with :func:`as_uncertainty` first); ``tau``: failure threshold (failure:
+    ``dice < tau``), held fixed in the bootstrap. Risk is ``1 - dice``. Every interval of every
+    score uses the same resamples (:func:`bootstrap_ci` with ``seed``). The AUROC point value is
+    :func:`auroc_failure` (scikit-learn); inside the bootstrap the identical statistic is computed
+    from average ranks (Mann-Whitney), which is much faster and equal to rounding.
+
+    Returns plain Python values (JSON-serialisable; NaN for undefined values, as ``json`` writes
+    them)::
+
+        {"n_cases": int, "n_failures": int, "tau": float,
+         "risk": "1 - dice", "failure": "dice < tau",
+         "interval": {"method": "percentile bootstrap over cases", "n_boot": int, "seed": int, "level": float},
+         "scores": {name: {"aurc":   {"value": float, "low": float, "high": float, "n_boot_used": int},
+                           "e_aurc": {... same keys ...},
+                           "auroc":  {... same keys ...},
+                           "auroc_undefined_reason": str | None}}}
+    """
+    dice = _as_dice(dice)
+    tau = _as_tau(tau)
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"`scores` must be a dict name -> per-case uncertainty array; got {type(scores).__name__}")
+    risk = 1.0 - dice
+    failed = dice < tau
+    out_scores = {}
+    for name, values in scores.items():
+        if not isinstance(name, str):
+            raise ValueError(f"`scores` keys must be strings (score names); got {name!r}")
+        score = _as_cases(values, f"scores[{name!r}]")
+        _same_length(dice=dice, **{f"scores[{name!r}]": score})
+        auroc, reason = auroc_failure(dice, score, tau, return_reason=True)
+        entry = {}
+        for key, value, fn, arrays in (
+            ("aurc", aurc(risk, score), aurc, (risk, score)),
+            ("e_aurc", e_aurc(risk, score), e_aurc, (risk, score)),
+            ("auroc", auroc, _auroc_mann_whitney, (failed, score)),
+        ):
+            low, high, used = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, level=level)
+            entry[key] = {"value": float(value), "low": low, "high": high, "n_boot_used": used}
+        entry["auroc_undefined_reason"] = reason
+        out_scores[name] = entry
+    return {
+        "n_cases": int(dice.size),
+        "n_failures": int(failed.sum()),
+        "tau": tau,
+        "risk": "1 - dice",
+        "failure": "dice < tau",
+        "interval": {"method": "percentile bootstrap over cases", "n_boot": int(n_boot), "seed": int(seed),
+                     "level": float(level)},
+        "scores": out_scores,
+    }
+
+
+def plot_risk_coverage(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
+                       title: str) -> Path:
+    """Risk-coverage curves of several trainers/scores overlaid in one PNG at ``path`` (atomic write).
+
+    ``curves``: label -> ``(coverage, selective_risk)`` as returned by :func:`risk_coverage`
+    (two arrays of one length per label; lengths may differ between labels). Returns ``path``.
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError(f"`curves` must be a non-empty dict label -> (coverage, risk); got {curves!r:.80}")
+    checked = {}
+    for label, pair in curves.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"`curves[{label!r}]` must be a pair (coverage, risk), e.g. risk_coverage(risk, score)")
+        coverage = _as_cases(pair[0], f"curves[{label!r}][0] (coverage)")
+        selective = _as_cases(pair[1], f"curves[{label!r}][1] (risk)")
+        _same_length(**{f"curves[{label!r}][0] (coverage)": coverage, f"curves[{label!r}][1] (risk)": selective})
+        checked[str(label)] = (coverage, selective)
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with default_style():
+        fig = Figure(figsize=(6.5, 5))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for label, (coverage, selective) in checked.items():
+            ax.plot(coverage, selective, label=label, marker="." if coverage.size <= 50 else None)
+        ax.set(xlabel="coverage (fraction of cases accepted, most confident first)",
+               ylabel="selective risk (mean 1 − Dice of accepted cases)", title=title, xlim=(0, 1.02))
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
