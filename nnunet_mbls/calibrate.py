@@ -1,22 +1,29 @@
-"""The calibration step of a trained nnU-Net fold: metrics before/after temperature scaling, the
-fitted temperature, and ``checkpoint_final_calibrated.pth`` with T folded into the head.
+"""The calibration step of trained nnU-Net folds: metrics before/after temperature scaling, the fitted
+temperature, and ``checkpoint_final_calibrated.pth`` with T folded into the head.
 
-Outputs in the fold folder (never inside ``validation/``, whose files nnU-Net's evaluation and
-ensembling glob):
+One fold (:func:`calibrate_output_folder`, what our trainers run after nnU-Net's validation): outputs in the
+fold folder (never inside ``validation/``, whose files nnU-Net's evaluation and ensembling glob):
 
-- ``calibration.json``: T, the fit's voxel subsample, mean/pooled metrics before and after;
+- ``calibration.json``: T, the fit's voxel subsample, mean/pooled metrics before and after, and which
+  temperature the calibrated checkpoint holds (``checkpoint_temperature``, ``checkpoint_calibration``);
 - ``calibration/``: full per-case evaluations (``evaluation_before.json``, ``evaluation_after.json``)
   and ``reliability.png`` (before vs after);
 - ``checkpoint_final_calibrated.pth``: a copy of ``checkpoint_final.pth`` whose segmentation head
   outputs logits / T. ``checkpoint_final.pth`` is never modified.
 
-The temperature is fitted on a bounded, seeded, uniform subsample (``max_voxels``, default 10^6) of
-the voxels inside nnU-Net's crop box of every validation case (ignore label excluded), so the fit
-costs the same on a 2D toy fold and on a 3D CT fold.
+Several folds (:func:`calibrate_ensemble`): one T for their ensemble, fitted on their pooled out-of-fold
+validation cases and folded into every fold, recorded in ``<trainer folder>/calibration_ensemble.json``
+(and ``calibration_ensemble/``); :func:`calibrate_on_calibration_set` fits that T on the ensemble's output on
+a labelled held-out set instead. Vector scaling lives in :mod:`nnunet_mbls.vector_scaling`.
+
+The temperature is fitted on a bounded, seeded, uniform subsample (``max_voxels``, default 10^6) of the
+voxels of ``fit_region`` (inside nnU-Net's crop box, or the foreground) of every case (ignore label
+excluded), so the fit costs the same on a 2D toy fold and on a 3D CT fold.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +33,9 @@ import torch
 
 from . import __version__
 from .calibration.reliability import plot_reliability
-from .calibration.temperature import VoxelSubsampler, fit_temperature, fold_temperature_into_checkpoint
-from .evaluation import evaluate_folder
+from .calibration.temperature import (VoxelSubsampler, case_candidates, fit_temperature,
+                                      fold_temperature_into_checkpoint)
+from .evaluation import case_workers, evaluate_folder
 from .io import atomic_write_json
 
 DEFAULT_MAX_VOXELS = 1_000_000
@@ -121,23 +129,29 @@ class TemperatureFit:
         return "lower" if self.temperature <= T_BOUNDS[0] else "upper" if self.temperature >= T_BOUNDS[1] else None
 
 
+@case_workers()  # the two passes share their worker processes
 def fit_temperature_on(gt: Path, prediction_folders: list[Path], dataset_json: dict, plans: Path | dict | None,
                        region: str, fit_region: str, max_voxels: int, seed: int, progress: bool,
-                       chill: bool = True) -> TemperatureFit:
+                       chill: bool = True, num_processes: int | None = None) -> TemperatureFit:
     """Fit T on a seeded uniform subsample of the ``fit_region`` voxels of every case of the folders, then
-    evaluate every case before and after (``region`` voxels). One pass for the metrics and the subsample."""
+    evaluate every case before and after (``region`` voxels). One pass for the metrics and the subsample.
+
+    The subsample: every voxel gets a uniform key from a generator seeded by (``seed``, its case's name) and the
+    ``max_voxels`` smallest keys of all cases are kept (:func:`~nnunet_mbls.calibration.temperature.case_candidates`),
+    so it is the same whatever ``num_processes`` (see :func:`~nnunet_mbls.evaluation.evaluate_folder`) and the
+    order of the cases."""
     if fit_region not in FIT_REGIONS:
         raise ValueError(f"fit_region={fit_region!r} is invalid: choose one of {', '.join(FIT_REGIONS)}")
     subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
     before = evaluate_folder(
         gt, prediction_folders, dataset_json, region=region, progress=progress, chill=chill, plans=plans,
-        fit_region=fit_region,
-        on_case=lambda case, probs, ref, mask: subsample.add(torch.from_numpy(probs), torch.from_numpy(ref), torch.from_numpy(mask)),
+        fit_region=fit_region, case_reduce=functools.partial(case_candidates, max_voxels=max_voxels, seed=seed),
+        on_case=lambda case, candidates: subsample.add_candidates(candidates), num_processes=num_processes,
     )
     log_probs, target = subsample.arrays()
     temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
     after = evaluate_folder(gt, prediction_folders, dataset_json, region=region, temperature=temperature,
-                            progress=progress, chill=chill, plans=plans)
+                            progress=progress, chill=chill, plans=plans, num_processes=num_processes)
     return TemperatureFit(temperature, int(target.numel()), before, after)
 
 
@@ -228,6 +242,7 @@ def calibrate_output_folder(
     expected_cases: list[str] | None = None,
     fit_region: str | None = None,
     write_checkpoint: bool = True,
+    num_processes: int | None = None,
 ) -> dict:
     """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files.
 
@@ -235,6 +250,10 @@ def calibrate_output_folder(
     from ``splits_final.json``. A missing ``.npz`` among them is an error, never a silently smaller fit.
     ``write_checkpoint``: fold this fold's T into ``checkpoint_final_calibrated.pth`` (False when an ensemble
     temperature goes there instead, see :func:`calibrate_ensemble`).
+    ``num_processes``: worker processes over the cases (see :func:`~nnunet_mbls.evaluation.evaluate_folder`; None:
+    nnU-Net's default_num_processes); the result is the same for any value. Our trainers call this on rank 0 of
+    nnU-Net's training process with the default: 'spawn' workers start clean there (no CUDA state, no DDP group),
+    as nnU-Net's own validation export pool just did in that process.
     """
     import json
 
@@ -244,7 +263,7 @@ def calibrate_output_folder(
     dataset_json = json.loads((folder.parent / "dataset.json").read_text())
     # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
     fit = fit_temperature_on(gt_folder_for(folder), [folder / "validation"], dataset_json, folder.parent / "plans.json",
-                             region, fit_region, max_voxels, seed, progress)
+                             region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
     write_fit_details(folder / "calibration", fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
     calibrated = write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else None
     summary = {
@@ -259,6 +278,7 @@ def calibrate_output_folder(
     return summary
 
 
+@case_workers()  # every fold's calibration step and the pooled fit share their worker processes
 def calibrate_ensemble(
     folders: list[str | os.PathLike],
     max_voxels: int = DEFAULT_MAX_VOXELS,
@@ -267,6 +287,7 @@ def calibrate_ensemble(
     fit_region: str | None = None,
     log: Callable[..., None] = print,
     progress: bool = True,
+    num_processes: int | None = None,
 ) -> dict:
     """One temperature for the ensemble of ``folders`` (fold folders of one trainer), folded into each.
 
@@ -286,10 +307,11 @@ def calibrate_ensemble(
     trainer_folder = parents.pop()
     for folder in folders:
         calibrate_output_folder(folder, max_voxels, seed, region, log, progress, fit_region=fit_region,
-                                write_checkpoint=False)
+                                write_checkpoint=False, num_processes=num_processes)
     dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
     fit = fit_temperature_on(gt_folder_for(folders[0]), [f / "validation" for f in folders], dataset_json,
-                             trainer_folder / "plans.json", region, fit_region, max_voxels, seed, progress)
+                             trainer_folder / "plans.json", region, fit_region, max_voxels, seed, progress,
+                             num_processes=num_processes)
     fold_names = [f.name[len("fold_"):] for f in folders]
     write_fit_details(trainer_folder / "calibration_ensemble", fit,
                       f"{trainer_folder.name} folds {', '.join(fold_names)}: {region} voxels, pooled out-of-fold")
@@ -333,6 +355,7 @@ def calibrate_trained_model(
     trainer: str,
     plans: str = "nnUNetPlans",
     device: str = "cuda",
+    num_processes: int | None = None,
     **kwargs,
 ) -> dict:
     """``nnunet-mbls calibrate``: the calibration step for any trained model, stock nnUNetTrainer included.
@@ -340,20 +363,21 @@ def calibrate_trained_model(
     ``fold``: one fold (its own T, today's behaviour) or a list of folds (one T for their ensemble, see
     :func:`calibrate_ensemble`). Runs nnU-Net's own final validation with probabilities first where
     ``validation/`` lacks the ``.npz`` of a validation case (never validated with probabilities, an interrupted
-    validation, or a trainer that deleted them after its own calibration step).
+    validation, or a trainer that deleted them after its own calibration step). ``num_processes``: worker
+    processes over the cases of the calibration step (None: nnU-Net's default_num_processes).
     """
     folds = [str(f) for f in fold] if isinstance(fold, (list, tuple)) else [str(fold)]
     folders = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device) for f in folds]
     if len(folders) == 1:
-        return calibrate_output_folder(folders[0], **kwargs)
-    return calibrate_ensemble(folders, **kwargs)
+        return calibrate_output_folder(folders[0], num_processes=num_processes, **kwargs)
+    return calibrate_ensemble(folders, num_processes=num_processes, **kwargs)
 
 
 def calibrate_on_calibration_set(
     dataset: str, configuration: str, folds: list, trainer: str, plans: str, images: str | os.PathLike,
     labels: str | os.PathLike, device: str = "cuda", step_size: float = 0.5, disable_tta: bool = False,
     max_voxels: int = DEFAULT_MAX_VOXELS, seed: int = 0, region: str = "fg", fit_region: str | None = None,
-    log: Callable[..., None] = print, progress: bool = True,
+    log: Callable[..., None] = print, progress: bool = True, num_processes: int | None = None,
 ) -> dict:
     """One temperature for the ensemble of ``folds``, fitted on its actual output on a labelled held-out set.
 
@@ -389,7 +413,7 @@ def calibrate_on_calibration_set(
                                                        "checkpoint_final.pth")
         predictor.predict_from_files_sequential(str(images), tmp, save_probabilities=True, overwrite=True)
         fit = fit_temperature_on(labels, [Path(tmp)], dataset_json, model_folder / "plans.json", region, fit_region,
-                                 max_voxels, seed, progress)
+                                 max_voxels, seed, progress, num_processes=num_processes)
     write_fit_details(model_folder / "calibration_ensemble", fit,
                       f"{model_folder.name} folds {', '.join(map(str, folds))}: calibration set, {region} voxels")
     return finish_shared_temperature(
