@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from nnunet_mbls.benchmark.grid import Cell, dataset_name
-    from nnunet_mbls.calibrate import DEFAULT_MAX_VOXELS, fit_temperature_on, gt_folder_for
+    from nnunet_mbls.calibrate import DEFAULT_MAX_VOXELS, fit_temperature_on, gt_folder_for, plans_of
     from nnunet_mbls.evaluation import evaluate_folder
 
     dataset = dataset_name(args.d)
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         for fold in args.f:
             folder = Cell(dataset, args.c, str(fold), trainer, args.p).folder
             dataset_json = json.loads((folder.parent / "dataset.json").read_text())
-            gt, plans = gt_folder_for(folder), folder.parent / "plans.json"
+            gt, plans = gt_folder_for(folder), plans_of(folder.parent)
             for fit_region in ("all", "fg"):
                 fit = fit_temperature_on(gt, [folder / "validation"], dataset_json, plans, "fg", fit_region,
                                          DEFAULT_MAX_VOXELS, 0, progress=False)

@@ -54,6 +54,13 @@ class CalibrationStepError(RuntimeError):
     """The calibration step cannot run; the message says what to run first."""
 
 
+def plans_of(trainer_folder: Path) -> Path | None:
+    """The plans.json nnU-Net writes into a trainer folder (None when absent: the crop box's axis order is then
+    inferred from the shapes, see :func:`nnunet_mbls.geometry.crop_box`)."""
+    plans = Path(trainer_folder) / "plans.json"
+    return plans if plans.is_file() else None
+
+
 def gt_folder_for(output_folder: Path) -> Path:
     """nnUNet_preprocessed/<dataset>/gt_segmentations for a fold folder <results>/<dataset>/<trainer>/fold_k."""
     from nnunetv2.paths import nnUNet_preprocessed
@@ -180,6 +187,8 @@ def fit_record(fit: TemperatureFit, region: str, fit_region: str, max_voxels: in
             "fit_region": fit_region,
             "fit_region_default": FIT_REGION_REASON,
             "voxels": f"uniform subsample of the {FIT_REGION_VOXELS[fit_region]} of {voxels_of}, ignore label excluded",
+            "sampling": "the max_voxels smallest of uniform keys drawn per case from a generator seeded by (seed, case "
+                        "name): the same for any number of worker processes",
             "subsample_size": fit.subsample_size,
             "max_voxels": max_voxels,
             "seed": seed,
@@ -262,7 +271,7 @@ def calibrate_output_folder(
     check_validation_complete(folder, expected_cases)
     dataset_json = json.loads((folder.parent / "dataset.json").read_text())
     # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
-    fit = fit_temperature_on(gt_folder_for(folder), [folder / "validation"], dataset_json, folder.parent / "plans.json",
+    fit = fit_temperature_on(gt_folder_for(folder), [folder / "validation"], dataset_json, plans_of(folder.parent),
                              region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
     write_fit_details(folder / "calibration", fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
     calibrated = write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else None
@@ -310,7 +319,7 @@ def calibrate_ensemble(
                                 write_checkpoint=False, num_processes=num_processes)
     dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
     fit = fit_temperature_on(gt_folder_for(folders[0]), [f / "validation" for f in folders], dataset_json,
-                             trainer_folder / "plans.json", region, fit_region, max_voxels, seed, progress,
+                             plans_of(trainer_folder), region, fit_region, max_voxels, seed, progress,
                              num_processes=num_processes)
     fold_names = [f.name[len("fold_"):] for f in folders]
     write_fit_details(trainer_folder / "calibration_ensemble", fit,
@@ -412,7 +421,7 @@ def calibrate_on_calibration_set(
         predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                        "checkpoint_final.pth")
         predictor.predict_from_files_sequential(str(images), tmp, save_probabilities=True, overwrite=True)
-        fit = fit_temperature_on(labels, [Path(tmp)], dataset_json, model_folder / "plans.json", region, fit_region,
+        fit = fit_temperature_on(labels, [Path(tmp)], dataset_json, plans_of(model_folder), region, fit_region,
                                  max_voxels, seed, progress, num_processes=num_processes)
     write_fit_details(model_folder / "calibration_ensemble", fit,
                       f"{model_folder.name} folds {', '.join(map(str, folds))}: calibration set, {region} voxels")

@@ -15,15 +15,14 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_trainers(args: argparse.Namespace) -> int:
-    from .losses import LOSSES
-    from .trainers import TRAINERS
+    from .trainers.catalog import CATALOG  # the classes' own source of truth, without importing nnU-Net
 
-    width = max(len(cls.__name__) for cls in TRAINERS)
+    width = max(len(spec.name) for spec in CATALOG)
     print(f"{'trainer':<{width}}  loss")
     print(f"{'nnUNetTrainer':<{width}}  stock nnU-Net Dice + CE (DC_and_CE_loss), the anchor to beat")
-    for cls in TRAINERS:
-        params = ", ".join(f"{k}={v:g}" for k, v in cls.loss_kwargs.items())
-        print(f"{cls.__name__:<{width}}  {LOSSES[cls.loss_name].__name__}({params})")
+    for spec in CATALOG:
+        params = ", ".join(f"{k}={v:g}" for k, v in spec.loss_kwargs.items())
+        print(f"{spec.name:<{width}}  {spec.loss_class_name}({params})")
     return 0
 
 
@@ -43,7 +42,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     dataset_json = json.loads(Path(args.djfile).read_text()) if args.djfile else None
     result = evaluate_folder(args.ref, args.pred, dataset_json, region=args.region, n_bins=args.bins,
-                             boundary_width=args.boundary_width, chill=args.chill)
+                             boundary_width=args.boundary_width, chill=args.chill, plans=args.pfile,
+                             num_processes=args.np)
     out = Path(args.o) if args.o else Path(args.pred) / f"calibration_metrics_{args.region}.json"
     atomic_write_json(out, result)
     png = out.with_suffix(".png")
@@ -57,11 +57,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def print_metrics(result: dict) -> None:
     mean = result["mean"]
     print(f"{result['num_cases']} cases, region {result['region']} (mean ± std over cases):")
-    for key in ("ece", "cece", "nll", "brier"):
-        print(f"  {key:<6} {mean[key]:.4f} ± {mean[key + '_std']:.4f}")
+    for key in ("ece", "cece", "nll", "brier", "mce", "ece_adaptive"):
+        print(f"  {key:<12} {mean[key]:.4f} ± {mean[key + '_std']:.4f}")
     for key in ("dice", "hd95"):
         names = [k for k in mean[key] if not k.endswith(("_std", "_n"))]
-        print(f"  {key:<6} " + ", ".join(f"{n} {mean[key][n]:.4f}" for n in names))
+        print(f"  {key:<12} " + ", ".join(f"{n} {mean[key][n]:.4f}" for n in names))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -83,7 +83,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.calibration_set:
         summary = calibrate_on_calibration_set(args.d, args.c, args.f, args.tr, args.p, *args.calibration_set,
                                                device=args.device, step_size=args.step_size,
-                                               disable_tta=args.disable_tta, **common)
+                                               disable_tta=args.disable_tta, num_processes=args.np, **common)
         print(f"T = {summary['temperature']:.4f} (calibration set), folded into folds {', '.join(summary['folds'])}")
         return 0
     if args.if_missing:
@@ -92,7 +92,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print("calibration is up to date; nothing to do (--if-missing)")
             return 0
     summary = calibrate_trained_model(args.d, args.c, args.f if len(args.f) > 1 else args.f[0], args.tr, args.p,
-                                      device=args.device, **common)
+                                      device=args.device, num_processes=args.np, **common)
     shared = f", shared by folds {', '.join(summary['folds'])}" if "folds" in summary else ""
     print(f"T = {summary['temperature']:.4f}{shared}")
     return 0
@@ -176,7 +176,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     try:
         written = run_benchmark(args.d, args.c, args.f, args.tr, args.p, train=args.train, collect_only=args.collect,
                                 baseline=args.baseline, out=args.o, device=args.device, epochs=args.epochs,
-                                iterations=args.iterations)
+                                iterations=args.iterations, vector_scaling=args.vector_scaling)
     except BenchmarkCellsFailed as failed:
         print_tables(failed.written)
         raise
@@ -187,7 +187,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def print_tables(written: dict) -> None:
     for path in written.values():
         print(path.read_text())
-        print(f"written: {path.parent}/results.{{md,csv,json}}, reliability.png, ece_vs_dice.png")
+        print(f"written: {path.parent}/results.{{md,csv,json}}, cases.csv, reliability.png, ece_vs_dice.png, risk_coverage.png")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-ref", required=True, help="folder of reference segmentations (e.g. nnUNet_preprocessed/DatasetX/gt_segmentations)")
     p.add_argument("-pred", required=True, help="folder of .npz probabilities (nnUNetv2_train --npz, nnUNetv2_predict --save_probabilities)")
     p.add_argument("-djfile", help="dataset.json (default: found next to -pred or -ref)")
+    p.add_argument("-pfile", help="plans.json of the model (default: found next to -pred, where nnU-Net writes it); its "
+                                  "transpose_forward maps nnU-Net's crop box to the image axes")
     p.add_argument("--region", choices=["fg", "all", "boundary"], default="fg",
                    help="voxels scored: fg = ground truth != 0 (the paper's, default), all = inside nnU-Net's crop box, boundary = band around label boundaries")
     p.add_argument("--bins", type=int, default=15, help="equal-width confidence bins (default 15)")
@@ -263,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chill", action="store_true",
                    help="evaluate only the predicted cases (e.g. one fold's validation/ against all of gt_segmentations), as nnUNetv2_evaluate_folder -chill")
     p.add_argument("-o", help="output JSON (default: PRED/calibration_metrics_<region>.json); a reliability PNG is written next to it")
+    p.add_argument("-np", type=int, default=None,
+                   help="worker processes over the cases (default: nnU-Net's default_num_processes, i.e. "
+                        "nnUNet_def_n_proc or 8, at most one per case and per CPU; 1 for folders under 512 MiB of "
+                        ".npz; 1 = in this process); the result is the same for any value")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("calibrate", help="fit temperature scaling on trained folds; write calibration.json and checkpoint_final_calibrated.pth")
@@ -273,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and folded into each (the calibrated ensemble of nnUNetv2_predict -f ...)")
     p.add_argument("-tr", default="nnUNetTrainer", help="trainer (default nnUNetTrainer: stock models work too)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("-device", default=default_device(), help="device for a missing validation run (default: cuda if available, else cpu)")
+    p.add_argument("-device", default=None, help="device for a missing validation run (default: cuda if available, else cpu)")
     p.add_argument("--calibration-set", nargs=2, metavar=("IMAGES", "LABELS"),
                    help="fit T on the listed folds' ensemble output (nnU-Net's predictor, TTA as deployed) on a labelled "
                         "held-out set instead of the validation cases")
@@ -292,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--region", choices=["fg", "all", "boundary"], default="fg", help="voxels of the reported metrics (default fg)")
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when the calibration (of the fold, or of the ensemble of the folds) is newer than the checkpoints")
+    p.add_argument("-np", type=int, default=None,
+                   help="worker processes over the validation cases (default: nnU-Net's default_num_processes, i.e. "
+                        "nnUNet_def_n_proc or 8, at most one per case and per CPU; 1 for folders under 512 MiB of "
+                        ".npz; 1 = in this process); the result is the same for any value")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("apply-temperature", help="rescale the probabilities of .npz files: normalize(p ** (1/T))")
@@ -314,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrated", action="store_true",
                    help="use each fold's calibration: checkpoint_final_calibrated.pth, else the temperature of its calibration.json")
     add_map_and_flag_options(p, None)
-    p.add_argument("-device", default=default_device(), help="cuda or cpu (default: cuda if available)")
+    p.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch (default 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
     p.add_argument("-npp", type=int, default=3, help="preprocessing worker processes (default 3; 0 = in this process)")
@@ -338,9 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="nnUNetTrainer", help="trainer the paired differences refer to (default nnUNetTrainer)")
     p.add_argument("--train", action="store_true", help="train unfinished folds here (interrupted ones continue)")
     p.add_argument("--collect", action="store_true", help="only build the table from finished folds; list missing ones")
+    p.add_argument("--vector-scaling", action="store_true",
+                   help="add rows for vector scaling shared by each trainer's folds (one more inference pass over the "
+                        "validation cases per fold; measured only, nothing is written into the folds)")
     p.add_argument("--epochs", type=int, help="override the trainers' number of epochs (short schedules; default: the trainer's)")
     p.add_argument("--iterations", type=int, help="override the iterations per epoch (default: the trainer's)")
-    p.add_argument("-device", default=default_device(), help="device for training and validation (default: cuda if available, else cpu)")
+    p.add_argument("-device", default=None, help="device for training and validation (default: cuda if available, else cpu)")
     p.add_argument("-o", default="benchmark", help="output folder (default ./benchmark): <o>/<dataset>/results.md ...")
     jobs = p.add_argument_group("cluster jobs")
     jobs.add_argument("--emit-jobs", metavar="DIR", help="write one shell command per unfinished cell to DIR/jobs.txt plus a SLURM array script, and stop")
@@ -387,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", "") is None:  # resolved here, not in the parser: --help and env import no torch
+        args.device = default_device()
     try:
         return args.func(args)
     except (ValueError, OSError, RuntimeError) as error:

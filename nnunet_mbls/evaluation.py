@@ -3,7 +3,8 @@
 Input: a folder of nnU-Net ``.npz`` files (``probabilities`` (C, *spatial) float32, written by
 ``nnUNetv2_train --npz`` or ``nnUNetv2_predict --save_probabilities``) with their ``.pkl``
 properties, and a folder of reference segmentations. Cases are streamed one at a time, so memory
-holds one case plus fixed-size metric sums whatever the number of cases.
+holds one case plus fixed-size metric sums whatever the number of cases; with worker processes
+(``num_processes``) each worker holds one case and this process merges their results in case order.
 
 Aggregation: ``mean`` is per case, then the mean over cases (the paper's); ``pooled`` sums all
 selected voxels of all cases into one accumulator. Dice uses nnU-Net's own tp/fp/fn code; HD95
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -242,14 +245,25 @@ def evaluate_folder(
     chill: bool = False,
     plans: dict | str | os.PathLike | None = None,
     fit_region: str = "all",
+    case_reduce: Callable[[str, np.ndarray, np.ndarray, np.ndarray], Any] | None = None,
+    num_processes: int | None = None,
 ) -> dict:
     """Evaluate every ``.npz`` in ``pred_folder`` against ``ref_folder``; see the module docstring.
 
     ``pred_folder`` may be a list of folders (e.g. the validation folders of several folds: their cases are
     evaluated together, ``pooled`` over all of them); a case must not appear in two of them.
     ``temperature``: apply normalize(p ** (1/T)) before every metric. ``on_case(case, probs, ref,
-    fit_mask)`` is called for each case with the voxels of ``fit_region`` (used to collect a temperature-fit
-    subsample in the same pass).
+    fit_mask)`` is called in this process for each case, in case order, with the voxels of ``fit_region`` (used to
+    collect a temperature-fit subsample in the same pass); with ``case_reduce`` (a picklable function, e.g. a
+    ``functools.partial`` of a module-level one) it is ``on_case(case, case_reduce(case, probs, ref, fit_mask))``
+    instead, ``case_reduce`` running where the case is evaluated, so that worker processes send back its value
+    rather than the case's arrays.
+    ``num_processes``: cases are evaluated in that many worker processes ('spawn', as nnU-Net's pools), results
+    taken in case order, so the result is identical to the serial one (each case's metrics are computed with one
+    torch thread in either mode: torch's parallel sums depend on the thread count). None: nnU-Net's
+    ``default_num_processes`` (``nnUNet_def_n_proc``, default 8) but at most the number of cases and of CPUs, and
+    1 (this process) when the ``.npz`` files total less than :data:`PARALLEL_MIN_BYTES`, where starting the
+    workers would cost more than they save; 1: in this process.
     ``chill``: references without probabilities are skipped instead of being an error (see :func:`match_cases`).
     ``plans``: the model's plans (dict or plans.json), whose ``transpose_forward`` maps nnU-Net's crop box to the
     reference's axis order (see :mod:`nnunet_mbls.geometry`); default: the plans.json nnU-Net writes next to the
@@ -282,32 +296,191 @@ def evaluate_folder(
         dataset_json = json.loads(found.read_text())
     labels = LabelInfo.from_dataset_json(dataset_json)
     reader = reader_for(dataset_json, next(iter(cases.values()))[0])
+    job = CaseJob(labels, reader, region, temperature, n_bins, boundary_width, fit_region,
+                  "none" if on_case is None else "reduce" if case_reduce is not None else "arrays", case_reduce)
     pooled = CalibrationAccumulator(labels.num_classes, n_bins)
     per_case: dict[str, dict] = {}
-    for case, (ref_file, npz_file, transpose_forward) in tqdm(cases.items(), desc=f"evaluating ({region})",
-                                                              disable=not progress):
-        probs, properties = load_probabilities(case, npz_file)
-        ref, seg_properties = read_reference(case, reader, ref_file)
-        check_case(case, probs, ref, labels)
-        if temperature is not None:
-            probs = apply_temperature(probs, temperature)
-        try:
-            box = crop_box(properties, transpose_forward, ref.shape)
-        except GeometryError as e:
-            raise EvaluationError(f"case {case}: {e}") from e
-        mask = region_mask(ref, region, labels.ignore_label, box, boundary_width)
+    tasks = [(case, *files) for case, files in cases.items()]
+    processes = resolve_num_processes(num_processes, [npz_file for _, npz_file, _ in cases.values()])
+    # the generator first in zip, so that it runs to its end (the progress bar closes at N/N, the pool is released)
+    for (metrics, states, extra), case in zip(evaluate_cases(job, tasks, processes, progress), cases):
         accumulator = CalibrationAccumulator(labels.num_classes, n_bins)
-        target = np.where(mask, ref, 0)
-        accumulator.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(mask))
+        accumulator.load_state_tensors([torch.from_numpy(s) for s in states])
         pooled += accumulator
-        pred = probs.argmax(0)
-        per_case[case] = {
-            **accumulator.compute(),
-            **segmentation_metrics(pred, ref, labels, seg_properties["spacing"]),
-        }
-        if on_case is not None:
-            on_case(case, probs, ref, region_mask(ref, fit_region, labels.ignore_label, box, boundary_width))
+        per_case[case] = metrics
+        if on_case is not None and case_reduce is not None:
+            on_case(case, extra)
+        elif on_case is not None:
+            on_case(case, *extra)
     return summarise(per_case, pooled, labels, region, temperature)
+
+
+#: the default ``num_processes`` of :func:`evaluate_folder` evaluates in this process below this much ``.npz`` data:
+#: a spawned worker first imports torch, nnU-Net's metrics and MONAI (whose package import alone loads torchvision
+#: and torch._dynamo), 3-8 s of CPU on the 2-core machine of benchmarks/bench_evaluate_parallel.py, which evaluates
+#: about 50 MiB of compressed probabilities per second and core: 2 workers only pay from several hundred MiB on.
+PARALLEL_MIN_BYTES = 512 * 2**20
+
+
+def resolve_num_processes(num_processes: int | None, npz_files: Sequence[Path]) -> int:
+    """Worker processes for the cases of ``npz_files``: ``num_processes`` (at most one per case), else the default
+    described in :func:`evaluate_folder`."""
+    if num_processes is None:
+        from nnunetv2.configuration import default_num_processes
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if sum(f.stat().st_size for f in npz_files) < PARALLEL_MIN_BYTES:
+            return 1
+        num_processes = min(default_num_processes, cpus)
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes={num_processes!r} is invalid: pass an integer >= 1 (1 = in this process) "
+                         f"or None for nnU-Net's default_num_processes")
+    return max(1, min(num_processes, len(npz_files)))
+
+
+@dataclass
+class CaseJob:
+    """What every case of one :func:`evaluate_folder` call is evaluated with (sent to the workers with each case).
+
+    ``fit_output``: what a case returns besides its metrics: "none", "arrays" (probs, ref, fit mask) or "reduce"
+    (``case_reduce(case, probs, ref, fit mask)``)."""
+
+    labels: LabelInfo
+    reader: Any
+    region: str
+    temperature: float | None
+    n_bins: int
+    boundary_width: int
+    fit_region: str
+    fit_output: str
+    case_reduce: Callable | None
+
+
+def evaluate_case(job: CaseJob, case: str, ref_file: Path, npz_file: Path, transpose_forward) -> tuple[dict, list, Any]:
+    """One case: (metrics, calibration accumulator states as numpy arrays, the ``fit_output`` or None)."""
+    probs, properties = load_probabilities(case, npz_file)
+    ref, seg_properties = read_reference(case, job.reader, ref_file)
+    labels = job.labels
+    check_case(case, probs, ref, labels)
+    if job.temperature is not None:
+        probs = apply_temperature(probs, job.temperature)
+    try:
+        box = crop_box(properties, transpose_forward, ref.shape)
+    except GeometryError as e:
+        raise EvaluationError(f"case {case}: {e}") from e
+    mask = region_mask(ref, job.region, labels.ignore_label, box, job.boundary_width)
+    accumulator = CalibrationAccumulator(labels.num_classes, job.n_bins)
+    target = np.where(mask, ref, 0)
+    accumulator.update(torch.from_numpy(probs), torch.from_numpy(target), torch.from_numpy(mask))
+    pred = probs.argmax(0)
+    metrics = {
+        **accumulator.compute(),
+        **segmentation_metrics(pred, ref, labels, seg_properties["spacing"]),
+    }
+    extra = None
+    if job.fit_output != "none":
+        fit_mask = region_mask(ref, job.fit_region, labels.ignore_label, box, job.boundary_width)
+        extra = job.case_reduce(case, probs, ref, fit_mask) if job.fit_output == "reduce" else (probs, ref, fit_mask)
+    return metrics, [s.numpy() for s in accumulator.state_tensors()], extra
+
+
+def load_case_dependencies() -> None:
+    """Import what every case needs (MONAI, nnU-Net's metrics) once, before the first case is timed."""
+    import monai.metrics  # noqa: F401
+    import nnunetv2.evaluation.evaluate_predictions  # noqa: F401
+
+
+@contextmanager
+def one_torch_thread():
+    """torch.set_num_threads(1) inside, the previous count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def evaluate_cases(job: CaseJob, tasks: list[tuple], num_processes: int, progress: bool):
+    """Yield :func:`evaluate_case` of every task (case, ref_file, npz_file, transpose_forward), in task order.
+
+    ``num_processes`` > 1: in a 'spawn' pool (that of an enclosing :func:`case_workers` block, else one for this
+    call) whose workers import the case dependencies before the progress bar starts, so the bar's first case
+    costs what the others do."""
+    desc = f"evaluating ({job.region})"
+    if num_processes <= 1:
+        load_case_dependencies()
+        with one_torch_thread():
+            for task in tqdm(tasks, desc=desc, disable=not progress):
+                yield evaluate_case(job, *task)
+        return
+    if _SHARED_WORKERS:  # an enclosing case_workers() block: its pool, started by the first call that needs one
+        slot = _SHARED_WORKERS[-1]
+        if slot.get("pool") is None:
+            slot["pool"] = start_case_workers(num_processes)
+        pool = slot["pool"]
+        yield from tqdm(pool.imap(_evaluate_in_worker, [(job, task) for task in tasks]), total=len(tasks), desc=desc,
+                        disable=not progress)
+        return
+    with start_case_workers(num_processes) as pool:
+        yield from tqdm(pool.imap(_evaluate_in_worker, [(job, task) for task in tasks]), total=len(tasks), desc=desc,
+                        disable=not progress)
+
+
+def start_case_workers(num_processes: int):
+    """A 'spawn' pool (as nnU-Net's) of ``num_processes`` case workers, returned once each has imported torch,
+    nnU-Net's metrics and MONAI (or after 300 s): one torch thread per worker."""
+    import multiprocessing
+    import queue
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Queue()
+    pool = context.Pool(num_processes, initializer=_init_worker, initargs=(ready,))
+    deadline = time.monotonic() + 300  # a worker that never reports only delays the progress bar, nothing else
+    for _ in range(num_processes):
+        try:
+            ready.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+    return pool
+
+
+#: open :func:`case_workers` blocks: {"pool": the shared pool or None until a call needs one}
+_SHARED_WORKERS: list[dict] = []
+
+
+@contextmanager
+def case_workers():
+    """Inside this block (also as a decorator), :func:`evaluate_folder` calls that use worker processes share one
+    pool, started by the first such call (with its number of processes) and closed when the outermost block ends:
+    the calibration step's two passes (and an ensemble's folds) start their workers once. Nested blocks share
+    the outermost one's pool."""
+    if _SHARED_WORKERS:
+        yield
+        return
+    slot: dict = {"pool": None}
+    _SHARED_WORKERS.append(slot)
+    try:
+        yield
+    finally:
+        _SHARED_WORKERS.remove(slot)
+        if slot["pool"] is not None:
+            slot["pool"].terminate()
+            slot["pool"].join()
+
+
+def _init_worker(ready) -> None:
+    torch.set_num_threads(1)
+    try:
+        load_case_dependencies()
+    except Exception:  # noqa: BLE001 -- the first case raises it again, with its traceback, in the main process
+        pass
+    ready.put(os.getpid())
+
+
+def _evaluate_in_worker(job_and_task: tuple) -> tuple[dict, list, Any]:
+    job, task = job_and_task
+    return evaluate_case(job, *task)
 
 
 def resolve_transpose_forward(plans, pred_folder: Path) -> tuple[int, ...] | None:

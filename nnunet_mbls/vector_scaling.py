@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibrate import (CALIBRATED_CHECKPOINT, DEFAULT_MAX_VOXELS, ENSEMBLE_FILE, calibrate_ensemble,
-                        calibrate_output_folder, check_validation_complete, gt_folder_for, metric_summary,
+                        calibrate_output_folder, check_validation_complete, gt_folder_for, metric_summary, plans_of,
                         validation_cases_of_fold)
 from .calibration.reliability import plot_reliability
 from .calibration.temperature import fold_logit_affine_into_checkpoint
@@ -118,7 +118,7 @@ def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, 
                                           predictor.plans_manager, predictor.dataset_json,
                                           str(after_folder / case), save_probabilities=True)
         dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
-        gt, plans = gt_folder_for(folders[0]), trainer_folder / "plans.json"
+        gt, plans = gt_folder_for(folders[0]), plans_of(trainer_folder)
         before = evaluate_folder(gt, [f / "validation" for f in folders], dataset_json, region=region, chill=True,
                                  plans=plans, progress=progress)
         after = evaluate_folder(gt, after_folder, dataset_json, region=region, chill=True, plans=plans, progress=progress)

@@ -143,6 +143,21 @@ def test_emit_jobs_run_with_xargs_then_collect(trained_stock_3d, tmp_path):
     for trainer in TRAINERS:
         assert results["rows"][trainer]["num_cases"] == len(splits[0]["val"]) + len(splits[3]["val"])
 
+    # two folds: one temperature shared by them (pooled out-of-fold fit), and with --vector-scaling its vector rows;
+    # measured only: the folds' calibration files and checkpoints are not touched
+    stamps = {t: (nn.fold_folder(dataset, t, "3d_fullres") / "checkpoint_final_calibrated.pth").stat().st_mtime_ns
+              for t in TRAINERS}
+    nn.run("nnunet-mbls", "benchmark", *grid, "--collect", "--vector-scaling", "-device", "cpu", "-o", str(tmp_path / "bench"))
+    results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
+    md = (tmp_path / "bench" / dataset / "results.md").read_text()
+    for trainer in TRAINERS:
+        row = results["rows"][trainer]
+        assert row["stages"] == ["before", "after", "shared", "vector"] and 0.05 <= row["shared_temperature"] <= 20
+        assert row["ece_shared"]["n"] == row["num_cases"] and row["ece_vector"]["n"] == row["num_cases"]
+        assert row["vector_scaling"]["method"]["requested"] == "vector" and len(row["vector_scaling"]["vector_scaling"]["scale"]) == 4
+        assert (nn.fold_folder(dataset, trainer, "3d_fullres") / "checkpoint_final_calibrated.pth").stat().st_mtime_ns == stamps[trainer]
+    assert "After one temperature shared by the folds" in md and "After vector scaling" in md
+
 
 def test_demo_quick_end_to_end(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("nnUNet_")}

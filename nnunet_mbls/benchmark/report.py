@@ -88,7 +88,7 @@ def shared_stages(done: list[tuple[Cell, dict]], vector: bool, device: str) -> d
     """Stage -> {"cases": case -> metrics, ...} for one temperature (and optionally one vector scaling) shared
     by a trainer's finished folds, fitted on their pooled out-of-fold cases; {} with fewer than 2 folds or
     without their validation probabilities. Nothing is written into the folds (the benchmark only measures)."""
-    from ..calibrate import DEFAULT_FIT_REGION, DEFAULT_MAX_VOXELS, fit_temperature_on, gt_folder_for
+    from ..calibrate import DEFAULT_FIT_REGION, DEFAULT_MAX_VOXELS, fit_temperature_on, gt_folder_for, plans_of
 
     folders = [c.folder for c, _ in done]
     if len(folders) < 2 or any(not d["case_rows"] for _, d in done):
@@ -96,7 +96,7 @@ def shared_stages(done: list[tuple[Cell, dict]], vector: bool, device: str) -> d
     trainer_folder = folders[0].parent
     dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
     fit = fit_temperature_on(gt_folder_for(folders[0]), [f / "validation" for f in folders], dataset_json,
-                             trainer_folder / "plans.json", "fg", DEFAULT_FIT_REGION, DEFAULT_MAX_VOXELS, 0, False)
+                             plans_of(trainer_folder), "fg", DEFAULT_FIT_REGION, DEFAULT_MAX_VOXELS, 0, False)
     out = {"shared": {"cases": case_values(fit.after), "temperature": fit.temperature}}
     if vector:
         from ..vector_scaling import calibrate_vector

@@ -7,11 +7,12 @@ validation probabilities applies equally to .npz files (:func:`apply_temperature
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -195,6 +196,79 @@ class VoxelSubsampler:
         self._merge()
         _, logp, target = self._parts[0]
         return logp, target
+
+    def candidates(self) -> SubsampleCandidates:
+        """The rows held (at most ``max_voxels``, sorted by key when more were offered) with their keys, as numpy
+        arrays, for :meth:`add_candidates` of another subsampler (e.g. in another process)."""
+        if not self._rows:
+            c = self._num_classes or 0
+            return SubsampleCandidates(np.empty(0), np.empty((0, c), np.float32), np.empty(0, np.int64), self.n_seen)
+        self._merge()
+        keys, logp, target = self._parts[0]
+        return SubsampleCandidates(keys.numpy(), logp.numpy(), target.numpy(), self.n_seen)
+
+    def add_candidates(self, candidates: SubsampleCandidates) -> None:
+        """Merge the rows of another subsampler (:meth:`candidates`) with the keys they were drawn with.
+
+        The result is the ``max_voxels`` rows with the smallest keys of everything offered to either, so a
+        subsampler per case merged in any order keeps the same voxels as one fed every case (with the same keys).
+        """
+        keys, logp, target = (torch.as_tensor(a) for a in candidates[:3])
+        if keys.ndim != 1 or logp.ndim != 2 or tuple(target.shape) != tuple(keys.shape) or logp.shape[0] != keys.numel():
+            raise ValueError(f"candidates must be keys (n,), log_probs (n, C), target (n,), got shapes "
+                             f"{tuple(keys.shape)}, {tuple(logp.shape)}, {tuple(target.shape)}")
+        self.n_seen += int(candidates.n_seen)
+        if not keys.numel():
+            return
+        if self._num_classes is not None and logp.shape[1] != self._num_classes:
+            raise ValueError(f"candidates have {logp.shape[1]} classes but earlier cases had {self._num_classes}; "
+                             "use one subsampler per dataset")
+        if self._threshold < math.inf:  # only keys below the max_voxels-th smallest so far can enter
+            index = torch.nonzero(keys < self._threshold).squeeze(1)
+            keys, logp, target = keys[index], logp[index], target[index]
+        self._parts.append((keys.to(torch.float64), logp.float(), target.long()))
+        self._rows += keys.numel()
+        self._num_classes = logp.shape[1]
+        if self._rows > 2 * self.max_voxels:
+            self._merge()
+
+
+class SubsampleCandidates(NamedTuple):
+    """Rows of a :class:`VoxelSubsampler` with their keys: keys (n,) float64, log_probs (n, C) float32, target (n,)
+    int64, and n_seen, the number of voxels they were chosen from."""
+
+    keys: np.ndarray
+    log_probs: np.ndarray
+    target: np.ndarray
+    n_seen: int
+
+
+def case_seed(seed: int, case: str) -> int:
+    """The seed of one case's sampling keys: the first 63 bits of sha256("<seed>:<case>").
+
+    Depends on the seed and the case's name only, so a case's keys are the same whichever cases come with it,
+    in whatever order, in whichever process (see :func:`case_candidates`)."""
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{case}".encode()).digest()[:8], "little") >> 1
+
+
+def case_candidates(case: str, probs: np.ndarray | Tensor, target: np.ndarray | Tensor,
+                    mask: np.ndarray | Tensor | None, *, max_voxels: int, seed: int) -> SubsampleCandidates:
+    """The candidates of one case for a temperature-fit subsample with per-case keys.
+
+    A :class:`VoxelSubsampler` seeded with :func:`case_seed` ``(seed, case)`` takes the case's voxels (probs (C,
+    *spatial), target (*spatial), mask (*spatial) bool or None) and keeps its ``max_voxels`` smallest keys;
+    :meth:`VoxelSubsampler.add_candidates` of every case then gives the ``max_voxels`` voxels with the smallest
+    keys of all cases: a uniform sample without replacement (the keys of all voxels are i.i.d. uniform),
+    deterministic for ``seed`` and the case names, and independent of the order the cases are merged in and of
+    the process that computed them. A plain function (picklable) for worker processes, e.g. with
+    ``functools.partial(case_candidates, max_voxels=..., seed=...)``.
+    """
+    subsample = VoxelSubsampler(max_voxels=max_voxels, seed=case_seed(seed, case))
+    subsample.add(torch.as_tensor(probs), torch.as_tensor(target), None if mask is None else torch.as_tensor(mask))
+    out = subsample.candidates()
+    if out.log_probs.shape[1] == 0:  # no voxel: keep the class count for the shape check of add_candidates
+        out = out._replace(log_probs=np.empty((0, int(probs.shape[0])), np.float32))
+    return out
 
 
 def apply_temperature(probs: Tensor | np.ndarray, T: float) -> Tensor | np.ndarray:

@@ -58,9 +58,11 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
         raise PredictionInputError(f"-chk {checkpoint} and --calibrated both choose the checkpoint; pass only one")
     name = checkpoint or DEFAULT_CHECKPOINT
     for fold in folds:
-        if not (model_folder / f"fold_{fold}" / name).is_file() and not (calibrated and name == DEFAULT_CHECKPOINT):
+        folder = model_folder / f"fold_{fold}"
+        needed = [CALIBRATED_CHECKPOINT, DEFAULT_CHECKPOINT] if calibrated else [name]
+        if not any((folder / n).is_file() for n in needed):
             raise PredictionInputError(
-                f"fold {fold}: {model_folder / f'fold_{fold}' / name} does not exist; train it (nnUNetv2_train {dataset} "
+                f"fold {fold}: {folder / needed[-1]} does not exist; train it (nnUNetv2_train {dataset} "
                 f"{configuration} {fold} -tr {trainer} -p {plans}), drop it from -f, or pass an existing -chk")
     if not calibrated:
         return FoldModels(model_folder, folds, name, [1.0] * len(folds))

@@ -43,6 +43,9 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
     loss_kwargs: dict[str, Any] = {}
     #: voxel subsample of the calibration step's temperature fit (see ``nnunet_mbls.calibrate``)
     calibration_max_voxels: int = 1_000_000
+    #: worker processes of the calibration step ('spawn', like nnU-Net's validation export pool just before it in
+    #: this process); None: nnU-Net's default_num_processes (see ``nnunet_mbls.evaluation.evaluate_folder``)
+    calibration_num_processes: int | None = None
 
     def __init__(
         self,
@@ -160,7 +163,8 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         _, val_keys = self.do_split()
         try:
             calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys),
-                                    max_voxels=self.calibration_max_voxels)
+                                    max_voxels=self.calibration_max_voxels,
+                                    num_processes=self.calibration_num_processes)
         except Exception as error:
             message = (
                 f"nnunet-mbls: the calibration step failed ({type(error).__name__}: {error}). Training and nnU-Net's "
