@@ -120,9 +120,10 @@ def test_refuses_to_overwrite_and_validates_arguments(tmp_path: Path) -> None:
     (tmp_path / "Dataset994_Empty").mkdir()
     make_synthetic_dataset(tmp_path, dataset_id=994, name="Empty", num_cases=1, shape=(16, 16))  # empty is fine
     for kwargs, arg in [({"dataset_id": 0}, "dataset_id"), ({"dataset_id": 1000}, "dataset_id"),
-                        ({"num_cases": 0}, "num_cases"), ({"shape": (8, 8)}, "shape"), ({"shape": (16,)}, "shape"),
+                        ({"num_cases": 0}, "num_cases"), ({"shape": (4, 4)}, "shape"), ({"shape": (16,)}, "shape"),
                         ({"name": "bad name"}, "name"), ({"seed": -1}, "seed"),
-                        ({"spacing": (1.0,)}, "spacing")]:
+                        ({"spacing": (1.0,)}, "spacing"), ({"channels": 0}, "channels"), ({"parcels": 0}, "parcels"),
+                        ({"zero_margin": -1}, "zero_margin"), ({"adjacent_absent_every": 1}, "adjacent_absent_every")]:
         with pytest.raises(ValueError, match=arg):
             make_synthetic_dataset(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
