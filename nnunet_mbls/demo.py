@@ -2,7 +2,8 @@
 
 Generates the synthetic 2D dataset, plans and preprocesses it with nnU-Net, trains stock
 ``nnUNetTrainer`` and ``nnUNetTrainerMbLS`` on fold 0 with a short schedule, runs the calibration
-step on both, and prints the benchmark table. Everything goes under one folder; nnU-Net's path
+step on both, prints the benchmark table, and writes calibrated probability/uncertainty maps and the
+QC table of fold 0's validation images with ``nnunet-mbls predict``. Everything goes under one folder; nnU-Net's path
 variables are respected when they are set.
 """
 
@@ -78,7 +79,7 @@ def run_demo(out: str | os.PathLike = "nnunet_mbls_demo", quick: bool = False, t
     from .data.synthetic import make_synthetic_dataset
 
     raw = Path(os.environ["nnUNet_raw"])
-    steps = 4
+    steps = 5
     print(f"[1/{steps}] synthetic 2D dataset: {profile.num_cases} cases of {profile.shape[0]}x{profile.shape[1]} "
           f"(seed {seed}) in {raw}", flush=True)
     if not list(raw.glob(f"Dataset{profile.dataset_id:03d}_*")):
@@ -97,4 +98,28 @@ def run_demo(out: str | os.PathLike = "nnunet_mbls_demo", quick: bool = False, t
     print(results.read_text())
     if quick:
         print("(--quick: a few iterations only; the numbers show that the pipeline runs, not which loss is better)")
+    print(f"[5/{steps}] calibrated probability and uncertainty maps, and QC, of fold 0's validation images "
+          f"(nnunet-mbls predict --calibrated --maps ...)", flush=True)
+    for trainer in trainers:
+        qc = predict_validation_cases(out, profile.dataset_id, trainer, device)
+        print(f"      {trainer}: {qc.parent} (maps/ for ITK-SNAP or 3D Slicer, qc.csv)", flush=True)
     return results
+
+
+def predict_validation_cases(out: Path, dataset_id: int, trainer: str, device: str) -> Path:
+    """``nnunet-mbls predict`` of fold 0's validation images with the calibrated fold 0; returns qc.csv."""
+    import json
+
+    from .benchmark.grid import Cell, dataset_name
+    from .inference.predict import predict
+
+    cell = Cell(dataset_name(dataset_id), "2d", "0", trainer)
+    cases = json.loads((Path(os.environ["nnUNet_preprocessed"]) / cell.dataset / "splits_final.json").read_text())[0]["val"]
+    images = out / "predict" / "validation_images"
+    images.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        for image in (Path(os.environ["nnUNet_raw"]) / cell.dataset / "imagesTr").glob(f"{case}_*"):
+            if not (images / image.name).exists():
+                (images / image.name).symlink_to(image)
+    return predict(images, out / "predict" / trainer, dataset_id, "2d", ["0"], trainer, calibrated=True,
+                   maps=["probabilities", "confidence", "entropy"], device=device, num_processes_preprocessing=0)

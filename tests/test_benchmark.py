@@ -173,6 +173,8 @@ def test_demo_quick_end_to_end(tmp_path):
     for trainer in ("nnUNetTrainer", "nnUNetTrainerMbLS"):
         fold = out / "nnUNet_results" / "Dataset989_MbLSSyntheticQuick" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
         assert (fold / "checkpoint_final_calibrated.pth").is_file()
+        qc = (out / "predict" / trainer / "qc.csv").read_text().splitlines()
+        assert len(qc) == 1 + 2 and (out / "predict" / trainer / "maps" / f"{qc[1].split(',')[0]}_entropy.nii.gz").is_file()
 
 
 def test_a_failed_calibration_step_keeps_the_training_and_is_redone_without_retraining(nnunet_3d, tmp_path):
