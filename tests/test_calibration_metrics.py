@@ -159,15 +159,20 @@ def test_streaming_over_chunks_and_updates_equals_one_shot():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
 
 
-def test_merge_and_summed_states_equal_pooled():
-    cases = [random_case(3, (9, 10), seed=s) for s in (5, 6, 7)]
-    pooled = CalibrationAccumulator(3)
-    parts = []
+def pooled_and_per_case(cases, num_classes: int) -> tuple[CalibrationAccumulator, list[CalibrationAccumulator]]:
+    """One accumulator updated with every case, and one accumulator per case."""
+    pooled, parts = CalibrationAccumulator(num_classes), []
     for probs, target in cases:
         pooled.update(probs, target)
-        part = CalibrationAccumulator(3)
+        part = CalibrationAccumulator(num_classes)
         part.update(probs, target)
         parts.append(part)
+    return pooled, parts
+
+
+def test_merge_and_summed_states_equal_pooled():
+    cases = [random_case(3, (9, 10), seed=s) for s in (5, 6, 7)]
+    pooled, parts = pooled_and_per_case(cases, 3)
     merged = CalibrationAccumulator(3)
     merged.merge(parts[0])
     merged += parts[1]
@@ -434,12 +439,7 @@ def test_new_metrics_of_merged_per_case_accumulators_equal_pooled():
                                                                (32, peaked_probs(4, 500, 32)))]
     cases.append(random_case(4, (30, 40), seed=33))
     cases = [(p.reshape(4, -1), t.reshape(-1)) for p, t in cases]
-    pooled, parts = CalibrationAccumulator(4), []
-    for probs, target in cases:
-        pooled.update(probs, target)
-        part = CalibrationAccumulator(4)
-        part.update(probs, target)
-        parts.append(part)
+    pooled, parts = pooled_and_per_case(cases, 4)
     merged = CalibrationAccumulator(4)
     for part in parts:
         merged += part
