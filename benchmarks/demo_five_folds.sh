@@ -13,4 +13,6 @@ eval "$(nnunet-mbls env)"
 [ -d "$nnUNet_preprocessed/Dataset990_MbLSSynthetic/nnUNetPlans_2d" ] || \
     nnUNetv2_plan_and_preprocess -d 990 -c 2d -np 1 -npfp 1 --verify_dataset_integrity > "$OUT/plan.log"
 nnUNet_n_proc_DA=0 nnunet-mbls benchmark -d 990 -c 2d -f 0 1 2 3 4 -tr nnUNetTrainer nnUNetTrainerMbLS "$@" \
-    --train --epochs 50 --iterations 20 -device cpu -o "$OUT/benchmark"
+    --train --vector-scaling --epochs 50 --iterations 20 -device cpu -o "$OUT/benchmark"
+# which voxels to fit T on (docs/BENCHMARKS.md)
+python "$(dirname "$0")/fit_region.py" -d 990 -c 2d -f 0 1 2 3 4 -tr nnUNetTrainer nnUNetTrainerMbLS --out "$OUT/fit_region"

@@ -154,7 +154,7 @@ def add_map_and_flag_options(p: argparse.ArgumentParser, default_maps) -> None:
     p.add_argument("--maps-dtype", choices=["float32", "uint8"], default="float32",
                    help="uint8 stores probabilities and confidence as 0..255 with NIfTI scale slope 1/255 (4x smaller)")
     p.add_argument("--flag-score", choices=list(SCORE_DIRECTION),
-                   help="QC score of the flag rule (default: mean_fold_dice < 0.8 with >= 2 folds, else mean_entropy_boundary > 0.35)")
+                   help="QC score of the flag rule (default: mean_fold_dice < 0.8 with >= 2 folds, else mean_entropy_fg > 0.3)")
     p.add_argument("--flag-threshold", type=float, help="threshold of --flag-score (entropies: flag above; Dice: flag below)")
 
 
