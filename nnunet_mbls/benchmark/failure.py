@@ -41,6 +41,7 @@ Conventions (stated once here, repeated where they matter):
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -421,7 +422,8 @@ def plot_risk_coverage(curves: Mapping[str, tuple[Sequence[float], Sequence[floa
         for label, (coverage, selective) in checked.items():
             ax.plot(coverage, selective, label=label, marker="." if coverage.size <= 50 else None)
         ax.set(xlabel="coverage (fraction of cases accepted, most confident first)",
-               ylabel="selective risk (mean 1 − Dice of accepted cases)", title=title, xlim=(0, 1.02))
+               ylabel="selective risk (mean 1 − Dice of accepted cases)", xlim=(0, 1.02))
+        ax.set_title(textwrap.fill(title, 60), fontsize=11)  # dataset names make long titles
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
