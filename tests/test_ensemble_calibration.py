@@ -52,11 +52,17 @@ def folds(tmp_path_factory):
     return p
 
 
-def test_shared_temperature_equals_an_independent_fit_on_the_pooled_out_of_fold_cases(folds):
+@pytest.fixture(scope="module")
+def ensemble(folds) -> dict:
+    """``nnunet-mbls calibrate -f 0 1``: one temperature for the ensemble of both folds (its calibration_ensemble.json)."""
+    folds.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "1", "-tr", TRAINER,
+                 "-device", "cpu")
+    return json.loads((folds.fold(TRAINER).parent / "calibration_ensemble.json").read_text())
+
+
+def test_shared_temperature_equals_an_independent_fit_on_the_pooled_out_of_fold_cases(folds, ensemble):
     p = folds
-    p.nn.run("nnunet-mbls", "calibrate", "-d", "511", "-c", "3d_fullres", "-f", "0", "1", "-tr", TRAINER, "-device", "cpu")
     trainer_folder = p.fold(TRAINER).parent
-    ensemble = json.loads((trainer_folder / "calibration_ensemble.json").read_text())
     rows, labels, own = [], [], {}
     for fold, cases in (("0", VALIDATION), ("1", VALIDATION_FOLD_1)):
         fold_rows = [voxels(p, c, np.load(trainer_folder / f"fold_{fold}" / "validation" / f"{c}.npz")["probabilities"])
@@ -82,9 +88,9 @@ def test_shared_temperature_equals_an_independent_fit_on_the_pooled_out_of_fold_
     assert "nothing to do" in proc.stdout
 
 
-def test_nnunet_predict_with_the_calibrated_checkpoints_returns_the_tempered_ensemble(folds):
+def test_nnunet_predict_with_the_calibrated_checkpoints_returns_the_tempered_ensemble(folds, ensemble):
     p = folds
-    T = json.loads((p.fold(TRAINER).parent / "calibration_ensemble.json").read_text())["temperature"]
+    T = ensemble["temperature"]
     root = p.nn.root / "ensemble_tests"
     plain = p.predict(TRAINER, root / "plain", "checkpoint_final.pth", ("0", "1"), HELD_OUT)
     calibrated = p.predict(TRAINER, root / "calibrated", "checkpoint_final_calibrated.pth", ("0", "1"), HELD_OUT)
