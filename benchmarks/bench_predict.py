@@ -20,7 +20,6 @@ map. Both tools run sequentially in one process (``-npp 0 [-nps 0]``) so that th
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

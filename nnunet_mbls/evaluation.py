@@ -241,7 +241,7 @@ def evaluate_folder(
     n_bins: int = 15,
     boundary_width: int = 2,
     progress: bool = True,
-    on_case: Callable[[str, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    on_case: Callable[[str, Any], None] | None = None,
     chill: bool = False,
     plans: dict | str | os.PathLike | None = None,
     fit_region: str = "all",
@@ -252,12 +252,11 @@ def evaluate_folder(
 
     ``pred_folder`` may be a list of folders (e.g. the validation folders of several folds: their cases are
     evaluated together, ``pooled`` over all of them); a case must not appear in two of them.
-    ``temperature``: apply normalize(p ** (1/T)) before every metric. ``on_case(case, probs, ref,
-    fit_mask)`` is called in this process for each case, in case order, with the voxels of ``fit_region`` (used to
-    collect a temperature-fit subsample in the same pass); with ``case_reduce`` (a picklable function, e.g. a
-    ``functools.partial`` of a module-level one) it is ``on_case(case, case_reduce(case, probs, ref, fit_mask))``
-    instead, ``case_reduce`` running where the case is evaluated, so that worker processes send back its value
-    rather than the case's arrays.
+    ``temperature``: apply normalize(p ** (1/T)) before every metric. ``case_reduce(case, probs, ref, fit_mask)``
+    (a picklable function, e.g. a ``functools.partial`` of a module-level one) runs where each case is evaluated,
+    with the voxels of ``fit_region``, and ``on_case(case, its value)`` is called in this process in case order
+    (used to collect a temperature-fit subsample in the same pass: workers send back the reduced value, not
+    the case's arrays); pass both or neither.
     ``num_processes``: cases are evaluated in that many worker processes ('spawn', as nnU-Net's pools), results
     taken in case order, so the result is identical to the serial one (each case's metrics are computed with one
     torch thread in either mode: torch's parallel sums depend on the thread count). None: nnU-Net's
@@ -272,6 +271,8 @@ def evaluate_folder(
     writes the result afterwards leaves no partial output behind.
     Returns ``{"per_case": {...}, "mean": {...}, "pooled": {...}, "reliability": {...}, ...}``.
     """
+    if (on_case is None) != (case_reduce is None):
+        raise ValueError("pass on_case and case_reduce together (on_case receives case_reduce's value), or neither")
     for name, value in (("region", region), ("fit_region", fit_region)):
         if value not in REGIONS:
             raise ValueError(f"{name}={value!r} is invalid: choose one of {REGIONS}")
@@ -296,8 +297,7 @@ def evaluate_folder(
         dataset_json = json.loads(found.read_text())
     labels = LabelInfo.from_dataset_json(dataset_json)
     reader = reader_for(dataset_json, next(iter(cases.values()))[0])
-    job = CaseJob(labels, reader, region, temperature, n_bins, boundary_width, fit_region,
-                  "none" if on_case is None else "reduce" if case_reduce is not None else "arrays", case_reduce)
+    job = CaseJob(labels, reader, region, temperature, n_bins, boundary_width, fit_region, case_reduce)
     pooled = CalibrationAccumulator(labels.num_classes, n_bins)
     per_case: dict[str, dict] = {}
     tasks = [(case, *files) for case, files in cases.items()]
@@ -308,10 +308,8 @@ def evaluate_folder(
         accumulator.load_state_tensors([torch.from_numpy(s) for s in states])
         pooled += accumulator
         per_case[case] = metrics
-        if on_case is not None and case_reduce is not None:
+        if on_case is not None:
             on_case(case, extra)
-        elif on_case is not None:
-            on_case(case, *extra)
     return summarise(per_case, pooled, labels, region, temperature)
 
 
@@ -340,10 +338,8 @@ def resolve_num_processes(num_processes: int | None, npz_files: Sequence[Path]) 
 
 @dataclass
 class CaseJob:
-    """What every case of one :func:`evaluate_folder` call is evaluated with (sent to the workers with each case).
-
-    ``fit_output``: what a case returns besides its metrics: "none", "arrays" (probs, ref, fit mask) or "reduce"
-    (``case_reduce(case, probs, ref, fit mask)``)."""
+    """What every case of one :func:`evaluate_folder` call is evaluated with (sent to the workers with each case);
+    ``case_reduce``: see :func:`evaluate_folder`."""
 
     labels: LabelInfo
     reader: Any
@@ -352,12 +348,11 @@ class CaseJob:
     n_bins: int
     boundary_width: int
     fit_region: str
-    fit_output: str
     case_reduce: Callable | None
 
 
 def evaluate_case(job: CaseJob, case: str, ref_file: Path, npz_file: Path, transpose_forward) -> tuple[dict, list, Any]:
-    """One case: (metrics, calibration accumulator states as numpy arrays, the ``fit_output`` or None)."""
+    """One case: (metrics, calibration accumulator states as numpy arrays, ``case_reduce``'s value or None)."""
     probs, properties = load_probabilities(case, npz_file)
     ref, seg_properties = read_reference(case, job.reader, ref_file)
     labels = job.labels
@@ -378,9 +373,9 @@ def evaluate_case(job: CaseJob, case: str, ref_file: Path, npz_file: Path, trans
         **segmentation_metrics(pred, ref, labels, seg_properties["spacing"]),
     }
     extra = None
-    if job.fit_output != "none":
+    if job.case_reduce is not None:
         fit_mask = region_mask(ref, job.fit_region, labels.ignore_label, box, job.boundary_width)
-        extra = job.case_reduce(case, probs, ref, fit_mask) if job.fit_output == "reduce" else (probs, ref, fit_mask)
+        extra = job.case_reduce(case, probs, ref, fit_mask)
     return metrics, [s.numpy() for s in accumulator.state_tensors()], extra
 
 

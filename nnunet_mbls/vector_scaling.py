@@ -92,14 +92,15 @@ def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, 
         check_validation_complete(folder)
     cases = [c for f in folders for c in (validation_cases_of_fold(f) or [])]
     per_case = max(1, max_voxels // max(1, len(cases)))
-    rows, labels, groups, stored = [], [], [], []
+    rows, labels, groups, stored, export = [], [], [], [], None
     with tempfile.TemporaryDirectory(prefix=".vector_scaling_", dir=trainer_folder) as tmp:
         for folder in folders:
             for case, logits, target, properties, predictor in validation_logits(folder, device, progress):
                 r, y = sample_rows(logits, target, per_case, seed + len(stored))
                 rows.append(r), labels.append(y), groups.append(torch.full((y.numel(),), len(stored)))
                 np.save(Path(tmp) / f"{case}.npy", logits.numpy())
-                stored.append((case, properties, predictor))
+                stored.append((case, properties))
+                export = (predictor.configuration_manager, predictor.plans_manager, predictor.dataset_json)
         rows_t, labels_t, groups_t = torch.cat(rows), torch.cat(labels), torch.cat(groups)
         choice = choose_vector_or_temperature(rows_t, labels_t, groups_t)
         log(f"nnunet-mbls calibration (--method vector): {choice['reason']}")
@@ -112,11 +113,10 @@ def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, 
         scale, bias = fit_vector_scaling(rows_t, labels_t)
         after_folder = Path(tmp) / "after"
         after_folder.mkdir()
-        for case, properties, predictor in stored:
+        for case, properties in stored:  # nnU-Net's own export of the transformed logits (same plans for all folds)
             transformed = apply_vector_scaling(np.load(Path(tmp) / f"{case}.npy").astype(np.float32), scale, bias)
-            export_prediction_from_logits(transformed, properties, predictor.configuration_manager,
-                                          predictor.plans_manager, predictor.dataset_json,
-                                          str(after_folder / case), save_probabilities=True)
+            export_prediction_from_logits(transformed, properties, *export, str(after_folder / case),
+                                          save_probabilities=True)
         dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
         gt, plans = gt_folder_for(folders[0]), plans_of(trainer_folder)
         before = evaluate_folder(gt, [f / "validation" for f in folders], dataset_json, region=region, chill=True,

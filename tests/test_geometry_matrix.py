@@ -29,7 +29,7 @@ import pytest
 
 from nnunet_mbls.geometry import crop_box
 
-from geometry_datasets import GEOMETRIES, VALIDATION, Planned, array, planned, read
+from geometry_datasets import GEOMETRIES, VALIDATION, Geometry, Planned, array, planned, read
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from ..calibration.metrics import CalibrationAccumulator
 from ..calibration.regions import region_mask
 from ..calibration.temperature import apply_temperature
-from ..evaluation import LabelInfo, reader_for
+from ..evaluation import LabelInfo, load_probabilities, read_reference, reader_for
 from ..inference.qc import case_scores
 from .grid import Cell
 
@@ -52,11 +51,9 @@ def cell_case_rows(cell: Cell) -> list[dict]:
     reader = reader_for(dataset_json, next(gt.iterdir()))
     rows = []
     for case, metrics in evaluation["per_case"].items():
-        with np.load(validation / f"{case}.npz") as data:
-            probabilities = data["probabilities"].astype(np.float32, copy=False)
-        with open(validation / f"{case}.pkl", "rb") as f:
-            spacing = pickle.load(f)["spacing"]
-        ref = reader.read_seg(str(gt / f"{case}{dataset_json['file_ending']}"))[0][0].astype(np.int64)
+        probabilities, properties = load_probabilities(case, validation / f"{case}.npz")
+        spacing = properties["spacing"]
+        ref, _ = read_reference(case, reader, gt / f"{case}{dataset_json['file_ending']}")
         row = {"trainer": cell.trainer, "fold": cell.fold, "case": case, "dice": mean_foreground_dice(metrics)}
         for stage, probs in (("before", probabilities), ("after", apply_temperature(probabilities, calibration["temperature"]))):
             segmentation = probs.argmax(0)

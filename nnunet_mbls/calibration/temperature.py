@@ -172,10 +172,18 @@ class VoxelSubsampler:
         """Add the candidates of one checked chunk, p (C, n) and t (n,) int64."""
         keys = torch.rand(t.numel(), generator=self._gen, dtype=torch.float64)
         self.n_seen += t.numel()
-        if self._threshold < math.inf:  # only keys below the max_voxels-th smallest so far can enter
-            index = torch.nonzero(keys < self._threshold).squeeze(1)
+        index = self._entering(keys)
+        if index is not None:
             keys, p, t = keys[index], p.index_select(1, index.to(p.device)), t[index.to(t.device)]
-        self._parts.append((keys, p.T.float().log().cpu(), t.cpu()))  # log: -inf where p == 0
+        self._take(keys, p.T.float().log().cpu(), t.cpu())  # log: -inf where p == 0
+
+    def _entering(self, keys: Tensor) -> Tensor | None:
+        """Indices of the keys below the max_voxels-th smallest so far (None: all may enter)."""
+        return torch.nonzero(keys < self._threshold).squeeze(1) if self._threshold < math.inf else None
+
+    def _take(self, keys: Tensor, logp: Tensor, target: Tensor) -> None:
+        """Hold rows (keys (n,) float64, log_probs (n, C), target (n,)); select again when twice max_voxels are held."""
+        self._parts.append((keys, logp, target))
         self._rows += keys.numel()
         if self._rows > 2 * self.max_voxels:
             self._merge()
@@ -223,14 +231,11 @@ class VoxelSubsampler:
         if self._num_classes is not None and logp.shape[1] != self._num_classes:
             raise ValueError(f"candidates have {logp.shape[1]} classes but earlier cases had {self._num_classes}; "
                              "use one subsampler per dataset")
-        if self._threshold < math.inf:  # only keys below the max_voxels-th smallest so far can enter
-            index = torch.nonzero(keys < self._threshold).squeeze(1)
+        index = self._entering(keys)
+        if index is not None:
             keys, logp, target = keys[index], logp[index], target[index]
-        self._parts.append((keys.to(torch.float64), logp.float(), target.long()))
-        self._rows += keys.numel()
         self._num_classes = logp.shape[1]
-        if self._rows > 2 * self.max_voxels:
-            self._merge()
+        self._take(keys.to(torch.float64), logp.float(), target.long())
 
 
 class SubsampleCandidates(NamedTuple):

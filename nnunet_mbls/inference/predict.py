@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -233,6 +232,7 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
     import SimpleITK as sitk
 
     from ..calibration.temperature import apply_temperature
+    from ..evaluation import load_probabilities
 
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not input_folder.is_dir():
@@ -267,12 +267,9 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
     rows = {}
     for npz in tqdm(npz_files, desc="maps", unit="case"):
         case = npz.stem
-        with np.load(npz) as data:
-            probabilities = data["probabilities"].astype(np.float32, copy=False)
+        probabilities, properties = load_probabilities(case, npz)
         if temperature is not None:
             probabilities = apply_temperature(probabilities, temperature)
-        with open(npz.with_suffix(".pkl"), "rb") as f:
-            properties = pickle.load(f)
         template = sitk.ReadImage(str(input_folder / f"{case}{ending}"))
         segmentation = probabilities.argmax(0)
         h = entropy(probabilities)
