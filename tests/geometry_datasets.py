@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from nnunet_mbls.data.synthetic import make_synthetic_dataset
 
 from conftest import NnUNet
+from nnunet_fp16 import nonzero_box, sliding_window_weight
 
 
 def rotation(degrees_z: float, degrees_x: float) -> tuple[float, ...]:
@@ -81,12 +82,11 @@ class Planned:
     def fold(self, trainer: str) -> Path:
         return self.nn.fold_folder(self.dataset, trainer, self.geometry.configuration)
 
+    def images(self, case: str) -> list[Path]:
+        return sorted((self.raw / "imagesTr").glob(f"{case}_*.nii.gz"))
+
     def independent_crop_box(self, case: str) -> list[list[int]]:
-        """nnU-Net crops to the nonzero voxels of any channel: their bounding box, from the raw files."""
-        channels = sorted((self.raw / "imagesTr").glob(f"{case}_*.nii.gz"))
-        nonzero = np.any([array(c) != 0 for c in channels], axis=0)
-        idx = np.argwhere(nonzero)
-        return [[int(a), int(b) + 1] for a, b in zip(idx.min(0), idx.max(0))]
+        return nonzero_box(self.images(case))
 
     def crop_box_voxels(self, case: str) -> int:
         """Voxels of region "all": inside the crop box, ignore label excluded."""
@@ -99,6 +99,11 @@ class Planned:
         ref = array(self.raw / "labelsTr" / f"{case}.nii.gz")
         ignore = self.labels.get("ignore", -1)
         return int(np.count_nonzero((ref != 0) & (ref != ignore)))
+
+    def sliding_window_weight(self, case: str) -> np.ndarray:
+        """nnU-Net's fp16 Gaussian weight sum per voxel of ``case`` (see nnunet_fp16)."""
+        return sliding_window_weight(self.nn.preprocessed / self.dataset / "nnUNetPlans.json",
+                                     self.geometry.configuration, self.images(case))
 
     def inputs(self, folder: Path, cases: list[str]) -> Path:
         """``folder`` with links to the raw images of ``cases`` (nnU-Net's input naming)."""
@@ -119,10 +124,14 @@ class Planned:
         return out
 
     def train(self, trainer: str, fold: str = "0", *extra: str) -> Path:
-        """Train ``trainer`` on ``fold`` unless a finished run (calibrated, for our trainers) is there."""
+        """Train ``trainer`` on ``fold`` unless a finished run (calibrated, for our trainers) is there; with
+        ``--npz``, a finished run whose validation .npz were deleted (trained without it by another test)
+        reruns nnU-Net's validation, and with it our calibration step (``--val --npz``)."""
         folder = self.nn.fold_folder(self.dataset, trainer, self.geometry.configuration, int(fold))
         if not (folder / "checkpoint_final.pth").is_file():
             self.nn.train(self.geometry.dataset_id, self.geometry.configuration, trainer, fold, *extra)
+        elif "--npz" in extra and not any((folder / "validation").glob("*.npz")):
+            self.nn.train(self.geometry.dataset_id, self.geometry.configuration, trainer, fold, *extra, "--val")
         return folder
 
 

@@ -17,6 +17,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 from geometry_datasets import GEOMETRIES, VALIDATION, VALIDATION_FOLD_1, array, planned
+from nnunet_fp16 import assert_close_where_fp16_is_normal
 
 TRAINER = "nnUNetTrainerStockFolds_test"
 HELD_OUT = ["case_0004", "case_0005"]
@@ -100,11 +101,11 @@ def test_nnunet_predict_with_the_calibrated_checkpoints_returns_the_tempered_ens
         expected = ensemble ** (1 / T)
         expected /= expected.sum(0, keepdims=True)
         got = np.load(calibrated / f"{case}.npz")["probabilities"]
-        inner = (slice(None),) + tuple(slice(a + 2, b - 2) for a, b in p.independent_crop_box(case))
-        worst = max(worst, float(np.abs(got[inner] - expected[inner]).max()))
-    # nnU-Net accumulates the sliding-window logits in fp16; `pytest -s` prints the measured maximum
-    print(f"\nlargest |calibrated ensemble - tempered ensemble|, 2 voxels inside the crop box: {worst:.2e} (T = {T:.3f})")
-    assert worst < 5e-3, worst
+        weight = p.sliding_window_weight(case)
+        assert_close_where_fp16_is_normal(got, expected, weight)
+        worst = max(worst, float(np.abs(got - expected)[:, weight >= torch.finfo(torch.half).tiny].max()))
+    # `pytest -s` prints the measured maximum (docs/BENCHMARKS.md quotes it)
+    print(f"\nlargest |calibrated ensemble - tempered ensemble| where nnU-Net's fp16 weights are normal: {worst:.2e} (T = {T:.3f})")
 
 
 def test_calibration_set_fits_the_ensemble_output_on_held_out_labels(folds, tmp_path):
@@ -173,8 +174,7 @@ def test_vector_scaling_folded_into_the_ensemble_equals_the_map_on_nnunets_logit
             mapped.astype(np.float32), predictor.plans_manager, predictor.configuration_manager,
             predictor.label_manager, properties, return_probabilities=True)
         got = np.load(calibrated / f"{case}.npz")["probabilities"]
-        inner = (slice(None),) + tuple(slice(a + 2, b - 2) for a, b in p.independent_crop_box(case))
-        np.testing.assert_allclose(got[inner], expected[inner], atol=5e-3)
+        assert_close_where_fp16_is_normal(got, expected, p.sliding_window_weight(case))
 
 
 def test_vector_scaling_of_one_fold_records_its_choice(folds):
