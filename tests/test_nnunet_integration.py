@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -200,13 +199,18 @@ def test_calibrate_stock_model_and_predict_with_the_folded_checkpoint(trained_st
     assert np.mean(seg_t == seg) > 0.98
 
     # rerunning is idempotent and still leaves the original checkpoint alone
-    calibrated = sha256(fold / "checkpoint_final_calibrated.pth")
+    def folded_weights() -> dict:
+        return torch.load(fold / "checkpoint_final_calibrated.pth", map_location="cpu", weights_only=False)
+
+    before = folded_weights()
     nn.run("nnunet-mbls", "calibrate", "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test",
            "-device", "cpu")
     assert json.loads((fold / "calibration.json").read_text())["temperature"] == T
     assert sha256(fold / "checkpoint_final.pth") == original
-    folded = torch.load(fold / "checkpoint_final_calibrated.pth", map_location="cpu", weights_only=False)
-    assert folded["mbls_temperature"] == pytest.approx(T)
+    after = folded_weights()
+    assert after["mbls_temperature"] == pytest.approx(T)
+    assert after["network_weights"].keys() == before["network_weights"].keys()
+    assert all(torch.equal(after["network_weights"][k], before["network_weights"][k]) for k in before["network_weights"])
 
 
 def test_calibrate_without_a_trained_model_says_what_to_run(nnunet_3d):
