@@ -56,9 +56,14 @@ def sliding_window_weight(plans_file: Path, configuration: str, image_files: lis
     return full
 
 
+def fp16_normal(weight: np.ndarray) -> np.ndarray:
+    """Where ``weight`` is a normal fp16 number: where nnU-Net's logits keep fp16's relative precision."""
+    return weight >= torch.finfo(torch.half).tiny
+
+
 def assert_close_where_fp16_is_normal(actual: np.ndarray, expected: np.ndarray, weight: np.ndarray) -> None:
     """``actual`` == ``expected`` (C, *spatial) within FP16_ATOL wherever ``weight`` is a normal fp16 number,
     which must be most of the crop box."""
-    normal = weight >= torch.finfo(torch.half).tiny
+    normal = fp16_normal(weight)
     assert normal.sum() > 0.5 * np.count_nonzero(weight), "too few voxels with full fp16 precision to compare"
     np.testing.assert_allclose(actual[:, normal], expected[:, normal], atol=FP16_ATOL)
