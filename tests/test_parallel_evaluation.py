@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from eval_folders import write_eval_folders
+
 SHAPE = (10, 14, 12)
 CLASSES = 4
-
-
-def _write_seg(path: Path, labels: np.ndarray) -> None:
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(labels.astype(np.uint8))
-    image.SetSpacing((1.0, 1.5, 2.0))
-    sitk.WriteImage(image, str(path))
 
 
 def _case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -39,16 +33,7 @@ def _case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def make_folders(root: Path, n_cases: int = 5, seed: int = 0) -> tuple[Path, Path]:
     """ref/ (.nii.gz) and pred/ (.npz + .pkl with a crop box for one case) with a dataset.json beside."""
     rng = np.random.default_rng(seed)
-    ref, pred = root / "ref", root / "pred"
-    ref.mkdir(parents=True)
-    pred.mkdir()
-    (root / "dataset.json").write_text(json.dumps(
-        {"labels": {"background": 0, "a": 1, "b": 2, "c": 3}, "channel_names": {"0": "x"}, "file_ending": ".nii.gz",
-         "numTraining": n_cases}))
-    for i in range(n_cases):
-        labels, probs = _case(rng)
-        _write_seg(ref / f"case_{i}.nii.gz", labels)
-        np.savez_compressed(pred / f"case_{i}.npz", probabilities=probs)
+    ref, pred = write_eval_folders(root, (_case(rng) for _ in range(n_cases)), CLASSES)
     with open(pred / "case_1.pkl", "wb") as f:  # nnU-Net's crop box (no transpose here): not every voxel is "all"
         pickle.dump({"bbox_used_for_cropping": [[1, 9], [0, 14], [2, 12]], "shape_before_cropping": SHAPE,
                      "spacing": [2.0, 1.5, 1.0]}, f)

@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+from eval_folders import write_eval_folders, write_probs, write_seg
+
 IGNORE = 4  # the synthetic dataset's labels are 0..3; nnU-Net's ignore label is the next integer
 
 
@@ -235,19 +237,6 @@ def test_train_step_raises_floating_point_error_when_the_loss_becomes_nan(traine
 
 
 # ------------------------------------------------------------------ evaluate: bad folders give errors naming the case
-def _write_seg(path: Path, labels: np.ndarray) -> None:
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(labels.astype(np.uint8))
-    image.SetSpacing((1.0, 1.5, 2.0))
-    sitk.WriteImage(image, str(path))
-
-
-def _write_probs(path: Path, probs: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.savez_compressed(f, probabilities=probs)
-
-
 def _softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(0))
     return (e / e.sum(0)).astype(np.float32)
@@ -259,16 +248,8 @@ SHAPE = (4, 6, 5)
 def make_eval_folders(root: Path, n_cases: int = 3, seed: int = 0) -> tuple[Path, Path]:
     """Hand-made ref/ (.nii.gz, labels 0..2) and pred/ (.npz probabilities) folders with a dataset.json beside."""
     rng = np.random.default_rng(seed)
-    ref, pred = root / "ref", root / "pred"
-    ref.mkdir(parents=True)
-    pred.mkdir()
-    (root / "dataset.json").write_text(json.dumps(
-        {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "x"}, "file_ending": ".nii.gz",
-         "numTraining": n_cases}))
-    for i in range(n_cases):
-        _write_seg(ref / f"case_{i}.nii.gz", rng.integers(0, 3, SHAPE))
-        _write_probs(pred / f"case_{i}.npz", _softmax(rng.normal(size=(3,) + SHAPE)))
-    return ref, pred
+    cases = ((rng.integers(0, 3, SHAPE), _softmax(rng.normal(size=(3,) + SHAPE))) for _ in range(n_cases))
+    return write_eval_folders(root, cases, 3)
 
 
 def _probs(pred: Path, case: str) -> np.ndarray:
@@ -279,24 +260,24 @@ def _corrupt(kind: str, ref: Path, pred: Path) -> None:
     """Break case_1 (the middle case, so case_0 was already evaluated when the error comes)."""
     p = _probs(pred, "case_1")
     if kind == "prediction_without_reference":
-        _write_probs(pred / "case_9.npz", p)
+        write_probs(pred / "case_9.npz", p)
     elif kind == "reference_without_prediction":
         (pred / "case_1.npz").unlink()
     elif kind == "shape_mismatch":
-        _write_probs(pred / "case_1.npz", p[:, :, :5])
+        write_probs(pred / "case_1.npz", p[:, :, :5])
     elif kind == "wrong_number_of_classes":
-        _write_probs(pred / "case_1.npz", _softmax(np.concatenate([np.log(p), np.zeros((1,) + SHAPE)])))
+        write_probs(pred / "case_1.npz", _softmax(np.concatenate([np.log(p), np.zeros((1,) + SHAPE)])))
     elif kind == "not_summing_to_one":
-        _write_probs(pred / "case_1.npz", p * 0.7)
+        write_probs(pred / "case_1.npz", p * 0.7)
     elif kind == "logits_not_probabilities":
-        _write_probs(pred / "case_1.npz", np.log(p))
+        write_probs(pred / "case_1.npz", np.log(p))
     elif kind == "nan_probabilities":
         p[1, 2, 3, 4] = np.nan
-        _write_probs(pred / "case_1.npz", p)
+        write_probs(pred / "case_1.npz", p)
     elif kind == "label_outside_dataset":
         labels = np.zeros(SHAPE, dtype=np.uint8)
         labels[0, 0, :2] = 7
-        _write_seg(ref / "case_1.nii.gz", labels)
+        write_seg(ref / "case_1.nii.gz", labels)
     elif kind == "corrupt_npz":
         (pred / "case_1.npz").write_bytes(b"not an npz file" * 20)
     elif kind == "truncated_npz":
@@ -396,9 +377,9 @@ def make_fold(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], val_c
         {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "x"}, "file_ending": ".nii.gz",
          "numTraining": len(cases)}))
     for name, (labels, probs) in cases.items():
-        _write_seg(gt / f"{name}.nii.gz", labels)
+        write_seg(gt / f"{name}.nii.gz", labels)
         if probs is not None:
-            _write_probs(fold / "validation" / f"{name}.npz", probs)
+            write_probs(fold / "validation" / f"{name}.npz", probs)
     if checkpoint:
         head = torch.nn.Conv3d(8, 3, 1)
         torch.save({"network_weights": {"decoder.seg_layers.0.weight": head.weight.detach(),
@@ -413,7 +394,7 @@ def test_calibrate_with_a_checkpoint_but_no_validation_probabilities_says_what_t
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     labels = np.zeros(SHAPE, dtype=np.uint8)
     fold = make_fold(tmp_path, {"case_0": (labels, None)}, ["case_0"])
-    _write_seg(fold / "validation" / "case_0.nii.gz", labels)  # segmentations alone (validation without --npz)
+    write_seg(fold / "validation" / "case_0.nii.gz", labels)  # segmentations alone (validation without --npz)
     with pytest.raises(CalibrationStepError) as info:
         calibrate_output_folder(fold, progress=False)
     assert "no .npz probabilities" in str(info.value)
