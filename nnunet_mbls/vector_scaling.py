@@ -36,8 +36,9 @@ from .io import atomic_write_json
 
 
 def validation_logits(folder: Path, device: str, progress: bool = True):
-    """Yield (case, logits (C, *network grid) float16 tensor, target (*network grid) int64, properties) per
-    validation case of a fold, computed as nnU-Net's ``perform_actual_validation`` computes them."""
+    """Yield (case, logits (C, *network grid) float16 tensor, target (*network grid) int64, properties,
+    predictor) per validation case of a fold, the logits computed as nnU-Net's ``perform_actual_validation``
+    computes them (the predictor is the fold's, for nnU-Net's export of the case)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
