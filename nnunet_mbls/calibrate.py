@@ -24,7 +24,9 @@ excluded), so the fit costs the same on a 2D toy fold and on a 3D CT fold.
 from __future__ import annotations
 
 import functools
+import math
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,7 +38,8 @@ from .calibration.reliability import plot_reliability
 from .calibration.temperature import (VoxelSubsampler, case_candidates, fit_temperature,
                                       fold_temperature_into_checkpoint)
 from .evaluation import case_workers, evaluate_folder
-from .io import atomic_write_json
+from .io import atomic_write_json, file_sha256, partial_folder
+from .locks import fold_lock
 
 DEFAULT_MAX_VOXELS = 1_000_000
 #: voxels the temperature is fitted on: "all" inside nnU-Net's crop box, or "fg" (ground truth != 0)
@@ -235,14 +238,25 @@ def check_validation_complete(folder: Path, expected_cases: list[str] | None = N
             )
 
 
-def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None]) -> str | None:
-    """Fold ``temperature`` into ``folder``'s checkpoint_final_calibrated.pth; None without checkpoint_final.pth."""
+def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None]) -> dict:
+    """Fold ``temperature`` into ``folder``'s checkpoint_final_calibrated.pth.
+
+    Returns what calibration.json records about it: ``calibrated_checkpoint`` (the file name, None without
+    checkpoint_final.pth), ``checkpoint_temperature`` and ``source_checkpoint`` (name and SHA-256 of the
+    checkpoint the calibrated one derives from, also stored inside it; see :func:`calibration_problem`).
+    """
     checkpoint = folder / "checkpoint_final.pth"
     if not checkpoint.is_file():
         log(f"nnunet-mbls: {checkpoint} not found (checkpointing disabled?); no calibrated checkpoint written")
-        return None
+        return {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None}
     fold_temperature_into_checkpoint(checkpoint, folder / CALIBRATED_CHECKPOINT, temperature, overwrite=True)
-    return CALIBRATED_CHECKPOINT
+    return {"calibrated_checkpoint": CALIBRATED_CHECKPOINT, "checkpoint_temperature": temperature,
+            "source_checkpoint": source_of(folder / CALIBRATED_CHECKPOINT)}
+
+
+def source_of(calibrated_checkpoint: Path) -> dict:
+    """The ``mbls_source`` (file name and SHA-256 of the trained checkpoint) stored in a calibrated checkpoint."""
+    return torch.load(calibrated_checkpoint, map_location="cpu", weights_only=False, mmap=True)["mbls_source"]
 
 
 def calibrate_output_folder(
@@ -268,22 +282,29 @@ def calibrate_output_folder(
     nnU-Net's training process with the default: 'spawn' workers start clean there (no CUDA state, no DDP group),
     as nnU-Net's own validation export pool just did in that process.
     """
+    folder = Path(output_folder)
+    with fold_lock(folder, what="the calibration step"):
+        return _calibrate_locked_fold(folder, max_voxels, seed, region, log, progress, expected_cases,
+                                      fit_region or DEFAULT_FIT_REGION, write_checkpoint, num_processes)
+
+
+def _calibrate_locked_fold(folder: Path, max_voxels: int, seed: int, region: str, log: Callable[..., None],
+                           progress: bool, expected_cases: list[str] | None, fit_region: str, write_checkpoint: bool,
+                           num_processes: int | None) -> dict:
     import json
 
-    folder = Path(output_folder)
-    fit_region = fit_region or DEFAULT_FIT_REGION
     check_validation_complete(folder, expected_cases)
     dataset_json = json.loads((folder.parent / "dataset.json").read_text())
     # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
     fit = fit_temperature_on(gt_folder_for(folder), [folder / "validation"], dataset_json, plans_of(folder.parent),
                              region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
     write_fit_details(folder / "calibration", fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
-    calibrated = write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else None
+    calibrated = (write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else
+                  {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None})
     summary = {
         **fit_record(fit, region, fit_region, max_voxels, seed, "every validation case of this fold"),
-        "calibrated_checkpoint": calibrated,
-        "checkpoint_temperature": fit.temperature if calibrated else None,
-        "checkpoint_calibration": "this fold's temperature" if calibrated else None,
+        **calibrated,
+        "checkpoint_calibration": "this fold's temperature" if calibrated["calibrated_checkpoint"] else None,
         "nnunet_mbls_version": __version__,
     }
     atomic_write_json(folder / "calibration.json", summary)
@@ -318,6 +339,16 @@ def calibrate_ensemble(
     if len(parents) != 1 or len(set(folders)) != len(folders):
         raise CalibrationStepError(f"the folds of an ensemble must be distinct folds of one trainer folder, got {folders}")
     trainer_folder = parents.pop()
+    with fold_locks(folders):
+        return _calibrate_locked_ensemble(trainer_folder, folders, max_voxels, seed, region, fit_region, log, progress,
+                                          num_processes)
+
+
+def _calibrate_locked_ensemble(trainer_folder: Path, folders: list[Path], max_voxels: int, seed: int, region: str,
+                               fit_region: str, log: Callable[..., None], progress: bool,
+                               num_processes: int | None) -> dict:
+    import json
+
     for folder in folders:
         calibrate_output_folder(folder, max_voxels, seed, region, log, progress, fit_region=fit_region,
                                 write_checkpoint=False, num_processes=num_processes)
@@ -338,16 +369,24 @@ def finish_shared_temperature(trainer_folder: Path, folders: list[Path], fit: Te
     """Fold a shared T into every fold, record it in each calibration.json and in calibration_ensemble.json."""
     import json
 
-    fold_temperatures = {}
-    for folder in folders:
-        calibrated = write_calibrated_checkpoint(folder, fit.temperature, log)
-        record_file = folder / "calibration.json"
-        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        fold_temperatures[folder.name] = record.get("temperature")
-        record.update(calibrated_checkpoint=calibrated, checkpoint_temperature=fit.temperature if calibrated else None,
-                      checkpoint_calibration=f"shared temperature of folds {[f.name for f in folders]} "
-                                             f"(../{ENSEMBLE_FILE})" if calibrated else None)
-        atomic_write_json(record_file, record)
+    with fold_locks(folders):
+        fold_temperatures = {}
+        for folder in folders:
+            calibrated = write_calibrated_checkpoint(folder, fit.temperature, log)
+            record_file = folder / "calibration.json"
+            record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+            fold_temperatures[folder.name] = record.get("temperature")
+            record.update(calibrated, checkpoint_calibration=f"shared temperature of folds {[f.name for f in folders]} "
+                                                             f"(../{ENSEMBLE_FILE})" if calibrated["calibrated_checkpoint"]
+                                                             else None)
+            atomic_write_json(record_file, record)
+        return _write_shared_record(trainer_folder, folders, fit, region, fit_region, max_voxels, seed, voxels_of, log,
+                                    fold_temperatures, **extra)
+
+
+def _write_shared_record(trainer_folder: Path, folders: list[Path], fit: TemperatureFit, region: str, fit_region: str,
+                         max_voxels: int, seed: int, voxels_of: str, log: Callable[..., None],
+                         fold_temperatures: dict, **extra) -> dict:
     summary = {
         **fit_record(fit, region, fit_region, max_voxels, seed, voxels_of),
         "folds": [f.name[len("fold_"):] for f in folders],
@@ -379,11 +418,23 @@ def calibrate_trained_model(
     validation, or a trainer that deleted them after its own calibration step). ``num_processes``: worker
     processes over the cases of the calibration step (None: nnU-Net's default_num_processes).
     """
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
     folds = [str(f) for f in fold] if isinstance(fold, (list, tuple)) else [str(fold)]
-    folders = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device) for f in folds]
-    if len(folders) == 1:
-        return calibrate_output_folder(folders[0], num_processes=num_processes, **kwargs)
-    return calibrate_ensemble(folders, num_processes=num_processes, **kwargs)
+    with fold_locks([Path(get_output_folder(dataset, trainer, plans, configuration, f)) for f in folds]):
+        folders = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device) for f in folds]
+        if len(folders) == 1:
+            return calibrate_output_folder(folders[0], num_processes=num_processes, **kwargs)
+        return calibrate_ensemble(folders, num_processes=num_processes, **kwargs)
+
+
+@contextmanager
+def fold_locks(folders: list[Path]):
+    """:func:`~nnunet_mbls.locks.fold_lock` on every folder, taken in sorted order (no deadlock between two runs)."""
+    with ExitStack() as stack:
+        for folder in sorted({Path(f).resolve() for f in folders}):
+            stack.enter_context(fold_lock(folder, what="nnunet-mbls calibrate"))
+        yield
 
 
 def calibrate_on_calibration_set(
@@ -400,7 +451,6 @@ def calibrate_on_calibration_set(
     fitted on their voxels against ``labels`` and folded into every listed fold like an ensemble T.
     """
     import json
-    import tempfile
 
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -418,34 +468,108 @@ def calibrate_on_calibration_set(
             raise CalibrationStepError(f"{folder / 'checkpoint_final.pth'} does not exist: train first with "
                                        f"{train_command(folder)}")
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
-    with tempfile.TemporaryDirectory(prefix=".calibration_set_", dir=model_folder) as tmp:
+    with fold_locks(folders), partial_folder(model_folder) as tmp:
         predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                     perform_everything_on_device=True, device=torch.device(device), verbose=False,
                                     verbose_preprocessing=False, allow_tqdm=progress)
         predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                        "checkpoint_final.pth")
-        predictor.predict_from_files_sequential(str(images), tmp, save_probabilities=True, overwrite=True)
+        predictor.predict_from_files_sequential(str(images), str(tmp), save_probabilities=True, overwrite=True)
         fit = fit_temperature_on(labels, [Path(tmp)], dataset_json, plans_of(model_folder), region, fit_region,
                                  max_voxels, seed, progress, num_processes=num_processes)
-    write_fit_details(model_folder / "calibration_ensemble", fit,
-                      f"{model_folder.name} folds {', '.join(map(str, folds))}: calibration set, {region} voxels")
-    return finish_shared_temperature(
-        model_folder, folders, fit, region, fit_region, max_voxels, seed,
-        f"the {fit.before['num_cases']} cases of the calibration set {images}", log,
-        fit_data={"calibration_set": {"images": str(images.resolve()), "labels": str(labels.resolve()),
-                                      "tta": not disable_tta, "step_size": step_size}})
+        write_fit_details(model_folder / "calibration_ensemble", fit,
+                          f"{model_folder.name} folds {', '.join(map(str, folds))}: calibration set, {region} voxels")
+        return finish_shared_temperature(
+            model_folder, folders, fit, region, fit_region, max_voxels, seed,
+            f"the {fit.before['num_cases']} cases of the calibration set {images}", log,
+            fit_data={"calibration_set": {"images": str(images.resolve()), "labels": str(labels.resolve()),
+                                          "tta": not disable_tta, "step_size": step_size}})
 
 
-def ensemble_is_current(folders: list[Path]) -> bool:
-    """calibration_ensemble.json lists exactly these folds and is newer than each fold's checkpoint_final.pth."""
+def calibration_problem(folder: Path) -> str | None:
+    """None when the fold's calibration is complete and describes the fold's current checkpoint, else why not.
+
+    Decided from what the files say, not from their times: ``calibration.json`` is a complete record; its
+    calibrated checkpoint loads, holds the map the record names (``checkpoint_temperature``, or
+    ``vector_scaling``) and derives from today's ``checkpoint_final.pth`` (SHA-256 recorded in both). Records of nnunet-mbls 0.2, which
+    carry no hash, count when they are newer than ``checkpoint_final.pth``.
+    """
+    from .io import read_json_file
+
+    folder = Path(folder)
+    final, record_file = folder / "checkpoint_final.pth", folder / "calibration.json"
+    if not final.is_file():
+        return f"{final} does not exist"
+    try:
+        record = read_json_file(record_file, "calibration record")
+    except ValueError as e:
+        return str(e)
+    if not isinstance(record, dict) or not isinstance(record.get("after"), dict) or not record.get("calibrated_checkpoint"):
+        return f"{record_file} is incomplete (no 'after' metrics or no 'calibrated_checkpoint')"
+    calibrated = folder / str(record["calibrated_checkpoint"])
+    try:
+        checkpoint = torch.load(calibrated, map_location="cpu", weights_only=False, mmap=True)
+        held = folded_map(checkpoint)
+    except Exception as e:  # missing, truncated, not a torch file, no folded map: all mean "redo the step"
+        return f"{calibrated} cannot be loaded as a calibrated checkpoint ({type(e).__name__}: {e})"
+    recorded = recorded_map(record, len(held[0]))
+    if recorded is None or not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+                                   for x, y in zip(held, recorded) for a, b in zip(x, y)):
+        return f"{calibrated} holds the map {held} but {record_file} records {recorded}"
+    source = record.get("source_checkpoint")
+    if source is None:  # a 0.2 record: no hash to compare
+        return None if record_file.stat().st_mtime >= final.stat().st_mtime else f"{final} is newer than {record_file}"
+    if checkpoint.get("mbls_source") != source:
+        return f"{calibrated} derives from another checkpoint than the one {record_file} names"
+    if file_sha256(final) != source.get("sha256"):
+        return f"{final} changed after the calibration (training continued?)"
+    return None
+
+
+def folded_map(checkpoint: dict) -> tuple[list[float], list[float]]:
+    """(scale, bias) per class that a calibrated checkpoint's head applies to the logits."""
+    affine = checkpoint["mbls_logit_affine"]
+    return [float(v) for v in affine["scale"]], [float(v) for v in affine["bias"]]
+
+
+def recorded_map(record: dict, num_classes: int) -> tuple[list[float], list[float]] | None:
+    """(scale, bias) per class that a calibration.json says its calibrated checkpoint holds (None: invalid)."""
+    T = record.get("checkpoint_temperature")
+    vector = record.get("vector_scaling")
+    if isinstance(T, (int, float)) and not isinstance(T, bool) and T > 0:
+        return [1.0 / T] * num_classes, [0.0] * num_classes
+    if isinstance(vector, dict):
+        return [float(v) for v in vector["scale"]], [float(v) for v in vector["bias"]]
+    return None
+
+
+def ensemble_problem(folders: list[Path]) -> str | None:
+    """None when calibration_ensemble.json lists exactly these folds and every fold's calibration (see
+    :func:`calibration_problem`) holds the ensemble's map (its temperature or vector scaling), else why not."""
     import json
 
-    record = folders[0].resolve().parent / ENSEMBLE_FILE
-    if not record.is_file() or any(not (f / "checkpoint_final.pth").is_file() for f in folders):
-        return False
-    listed = sorted(json.loads(record.read_text()).get("folds", []))
-    newest = max((f / "checkpoint_final.pth").stat().st_mtime for f in folders)
-    return listed == sorted(f.name[len("fold_"):] for f in folders) and record.stat().st_mtime >= newest
+    from .io import read_json_file
+
+    folders = [Path(f) for f in folders]
+    record_file = folders[0].resolve().parent / ENSEMBLE_FILE
+    try:
+        record = read_json_file(record_file, "ensemble calibration record")
+    except ValueError as e:
+        return str(e)
+    listed = record.get("folds") if isinstance(record, dict) else None
+    if not isinstance(listed, list) or sorted(map(str, listed)) != sorted(f.name[len("fold_"):] for f in folders):
+        return f"{record_file} lists folds {listed}, not these"
+    for folder in folders:
+        problem = calibration_problem(folder)
+        if problem is not None:
+            return problem
+        own = json.loads((folder / "calibration.json").read_text())
+        num_classes = len(recorded_map(own, 1)[0]) if own.get("vector_scaling") else 1
+        shared = recorded_map({"checkpoint_temperature": record.get("temperature"),
+                               "vector_scaling": record.get("vector_scaling")}, num_classes)
+        if recorded_map(own, num_classes) != shared:
+            return f"{folder / CALIBRATED_CHECKPOINT} does not hold the shared calibration of {record_file}"
+    return None
 
 
 def prepare_fold_for_calibration(dataset: str, configuration: str, fold: str, trainer: str, plans: str,

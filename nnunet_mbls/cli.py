@@ -40,13 +40,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_folder
     from .io import atomic_write_json
 
-    dataset_json = json.loads(Path(args.djfile).read_text()) if args.djfile else None
+    from .io import read_json_file, refuse_outputs_over_inputs
+
+    out = Path(args.o) if args.o else Path(args.pred) / f"calibration_metrics_{args.region}.json"
+    png = out.with_suffix(".png")
+    refuse_outputs_over_inputs({"-o": out, "-o (its reliability diagram)": png},
+                               {"-djfile": args.djfile or [], "-pfile": args.pfile or []},
+                               {"-ref": args.ref, "-pred": args.pred},
+                               replaceable=[f"calibration_metrics_{r}.{e}" for r in ("fg", "all", "boundary")
+                                            for e in ("json", "png")])
+    dataset_json = read_json_file(args.djfile, "-djfile") if args.djfile else None
     result = evaluate_folder(args.ref, args.pred, dataset_json, region=args.region, n_bins=args.bins,
                              boundary_width=args.boundary_width, chill=args.chill, plans=args.pfile,
                              num_processes=args.np)
-    out = Path(args.o) if args.o else Path(args.pred) / f"calibration_metrics_{args.region}.json"
     atomic_write_json(out, result)
-    png = out.with_suffix(".png")
     plot_reliability({f"{args.region} voxels (ECE {result['mean']['ece']:.4f})": result["reliability"]}, png,
                      title=f"{Path(args.pred).name}: reliability, {args.region} voxels, pooled")
     print_metrics(result)
@@ -66,7 +73,7 @@ def print_metrics(result: dict) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .benchmark.grid import Cell, dataset_name
-    from .calibrate import calibrate_on_calibration_set, calibrate_trained_model, ensemble_is_current
+    from .calibrate import calibrate_on_calibration_set, calibrate_trained_model, calibration_problem, ensemble_problem
 
     common = dict(max_voxels=args.max_voxels, seed=args.seed, region=args.region, fit_region=args.fit_region)
     if args.method == "vector":
@@ -87,10 +94,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"T = {summary['temperature']:.4f} (calibration set), folded into folds {', '.join(summary['folds'])}")
         return 0
     if args.if_missing:
-        cells = [Cell(dataset_name(args.d), args.c, str(f), args.tr, args.p) for f in args.f]
-        if len(cells) == 1 and cells[0].is_calibrated() or len(cells) > 1 and ensemble_is_current([c.folder for c in cells]):
+        folders = [Cell(dataset_name(args.d), args.c, str(f), args.tr, args.p).folder for f in args.f]
+        problem = calibration_problem(folders[0]) if len(folders) == 1 else ensemble_problem(folders)
+        if problem is None:
             print("calibration is up to date; nothing to do (--if-missing)")
             return 0
+        print(f"calibrating (--if-missing): {problem}")
     summary = calibrate_trained_model(args.d, args.c, args.f if len(args.f) > 1 else args.f[0], args.tr, args.p,
                                       device=args.device, num_processes=args.np, **common)
     shared = f", shared by folds {', '.join(summary['folds'])}" if "folds" in summary else ""
@@ -399,12 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import os
 
+    from .errors import NnunetMblsError
+
     args = build_parser().parse_args(argv)
     if getattr(args, "device", "") is None:  # resolved here, not in the parser: --help and env import no torch
         args.device = default_device()
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError) as error:
+    except (NnunetMblsError, ValueError, OSError, RuntimeError) as error:
         # errors of bad input or missing prerequisites: one clear line (set NNUNET_MBLS_DEBUG=1 for the traceback)
         if os.environ.get("NNUNET_MBLS_DEBUG"):
             raise

@@ -15,7 +15,6 @@ gets NaN for that case and is counted under ``empty_reference`` / ``empty_predic
 from __future__ import annotations
 
 import os
-import pickle
 import time
 import warnings
 from contextlib import contextmanager
@@ -30,13 +29,15 @@ from tqdm import tqdm
 from .calibration.metrics import METRIC_KEYS, CalibrationAccumulator, aggregate
 from .calibration.regions import region_mask
 from .calibration.temperature import apply_temperature
+from .errors import InputError
 from .geometry import GeometryError, crop_box, find_plans_file, transpose_forward_of
+from .probabilities import ProbabilityFileError, check_probabilities
+from .probabilities import load_probabilities as _load_probabilities
 
 REGIONS = ("fg", "all", "boundary")
-PROBABILITY_SUM_TOLERANCE = 1e-3
 
 
-class EvaluationError(ValueError):
+class EvaluationError(InputError):
     """A case cannot be evaluated; the message names the case and the problem."""
 
 
@@ -106,6 +107,12 @@ def match_cases(ref_folder: Path, pred_folder: Path, chill: bool = False) -> dic
     if not ref_folder.is_dir():
         raise EvaluationError(f"reference folder {ref_folder} does not exist")
     preds = {p.name[: -len(".npz")]: p for p in sorted(pred_folder.glob("*.npz"))}
+    unreadable = [p for p in preds.values() if not p.is_file()] + [
+        r for r in sorted(ref_folder.iterdir()) if r.is_symlink() and not r.exists()]
+    if unreadable:
+        raise EvaluationError(
+            f"{unreadable[0]} is not a readable file: a symbolic link that loops or points nowhere, or a folder "
+            f"({len(unreadable)} such entries); remove it or point it at the case's file")
     if not preds:
         raise EvaluationError(
             f"no .npz probability files in {pred_folder}: run nnUNetv2_train ... --npz (or --val --npz) or "
@@ -132,31 +139,11 @@ def match_cases(ref_folder: Path, pred_folder: Path, chill: bool = False) -> dic
 
 
 def load_probabilities(case: str, npz_file: Path) -> tuple[np.ndarray, dict]:
-    """(C, *spatial) float32 probabilities and the nnU-Net properties (empty dict without a .pkl)."""
+    """:func:`nnunet_mbls.probabilities.load_probabilities`, raising :class:`EvaluationError`."""
     try:
-        with np.load(npz_file) as data:
-            if "probabilities" not in data:
-                raise EvaluationError(f"case {case}: {npz_file} has no 'probabilities' array (keys {list(data)})")
-            probs = data["probabilities"].astype(np.float32, copy=False)
-    except EvaluationError:
-        raise
-    except Exception as e:  # BadZipFile, zlib.error, EOFError, ValueError, KeyError ...: all mean a broken file
-        raise EvaluationError(
-            f"case {case}: cannot read {npz_file} ({type(e).__name__}: {e}); the file is corrupt, truncated or not "
-            f"an npz: rerun the prediction for this case"
-        ) from e
-    properties = {}
-    pkl = npz_file.with_suffix(".pkl")
-    if pkl.is_file():
-        try:
-            with open(pkl, "rb") as f:
-                properties = pickle.load(f)
-        except Exception as e:
-            raise EvaluationError(
-                f"case {case}: cannot read {pkl} ({type(e).__name__}: {e}); the file is corrupt or truncated: "
-                f"rerun the prediction for this case"
-            ) from e
-    return probs, properties
+        return _load_probabilities(case, npz_file)
+    except ProbabilityFileError as e:
+        raise EvaluationError(str(e)) from e
 
 
 def read_reference(case: str, reader, ref_file: Path) -> tuple[np.ndarray, dict]:
@@ -169,28 +156,12 @@ def read_reference(case: str, reader, ref_file: Path) -> tuple[np.ndarray, dict]
 
 
 def check_case(case: str, probs: np.ndarray, ref: np.ndarray, labels: LabelInfo) -> None:
-    if probs.shape[1:] != ref.shape:
-        raise EvaluationError(
-            f"case {case}: probabilities have spatial shape {probs.shape[1:]} but the reference has {ref.shape}"
-        )
-    if probs.shape[0] != labels.num_classes:
-        raise EvaluationError(
-            f"case {case}: probabilities have {probs.shape[0]} channels but dataset.json has {labels.num_classes} labels"
-        )
-    if not np.isfinite(probs).all():
-        raise EvaluationError(f"case {case}: probabilities contain NaN or Inf")
-    lo, hi = float(probs.min()), float(probs.max())
-    if lo < 0 or hi > 1 + PROBABILITY_SUM_TOLERANCE:
-        raise EvaluationError(
-            f"case {case}: probabilities lie in [{lo:.4g}, {hi:.4g}], outside [0, 1]; pass softmax probabilities, not logits"
-        )
-    sums = probs.sum(0)
-    worst = float(np.abs(sums - 1).max())
-    if worst > PROBABILITY_SUM_TOLERANCE:
-        raise EvaluationError(
-            f"case {case}: probabilities do not sum to 1 over classes (largest deviation {worst:.3g}); "
-            f"pass softmax probabilities, not logits or sigmoid outputs"
-        )
+    """EvaluationError unless ``probs`` are probabilities of the reference's shape and the dataset's classes, and the
+    reference holds only declared labels."""
+    try:
+        check_probabilities(case, probs, labels.num_classes, ref.shape)
+    except ProbabilityFileError as e:
+        raise EvaluationError(str(e)) from e
     allowed = set(labels.names) | ({labels.ignore_label} if labels.ignore_label is not None else set())
     present = set(np.unique(ref).tolist())
     if not present <= allowed:

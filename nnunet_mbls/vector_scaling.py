@@ -16,7 +16,6 @@ scaling come from nnU-Net's own export of the transformed logits, evaluated like
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -26,13 +25,13 @@ from tqdm import tqdm
 
 from . import __version__
 from .calibrate import (CALIBRATED_CHECKPOINT, DEFAULT_MAX_VOXELS, ENSEMBLE_FILE, calibrate_ensemble,
-                        calibrate_output_folder, check_validation_complete, gt_folder_for, metric_summary, plans_of,
-                        validation_cases_of_fold)
+                        calibrate_output_folder, check_validation_complete, fold_locks, gt_folder_for, metric_summary,
+                        plans_of, source_of, validation_cases_of_fold)
 from .calibration.reliability import plot_reliability
 from .calibration.temperature import fold_logit_affine_into_checkpoint
 from .calibration.vector import apply_vector_scaling, choose_vector_or_temperature, fit_vector_scaling
 from .evaluation import evaluate_folder
-from .io import atomic_write_json
+from .io import atomic_write_json, partial_folder
 
 
 def validation_logits(folder: Path, device: str, progress: bool = True):
@@ -85,16 +84,24 @@ def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, 
     ``write``: False measures only (the benchmark): nothing is folded or recorded, and the returned record holds
     the full evaluations before and after.
     """
+    folders = [Path(f) for f in folders]
+    if not write:
+        return _calibrate_vector(folders, max_voxels, seed, region, fit_region, device, log, progress, fallback, write)
+    with fold_locks(folders):
+        return _calibrate_vector(folders, max_voxels, seed, region, fit_region, device, log, progress, fallback, write)
+
+
+def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: str, fit_region: str | None, device: str,
+                      log: Callable[..., None], progress: bool, fallback: bool, write: bool) -> dict:
     from nnunetv2.inference.export_prediction import export_prediction_from_logits
 
-    folders = [Path(f) for f in folders]
     trainer_folder = folders[0].resolve().parent
     for folder in folders:
         check_validation_complete(folder)
     cases = [c for f in folders for c in (validation_cases_of_fold(f) or [])]
     per_case = max(1, max_voxels // max(1, len(cases)))
     rows, labels, groups, stored, export = [], [], [], [], None
-    with tempfile.TemporaryDirectory(prefix=".vector_scaling_", dir=trainer_folder) as tmp:
+    with partial_folder(trainer_folder) as tmp:
         for folder in folders:
             for case, logits, target, properties, predictor in validation_logits(folder, device, progress):
                 r, y = sample_rows(logits, target, per_case, seed + len(stored))
@@ -144,6 +151,7 @@ def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, 
         else:  # the fold's own record (its own temperature, if it had a calibration step) stays
             own = json.loads(own_file.read_text()) if own_file.is_file() else {}
         own.update(calibrated_checkpoint=CALIBRATED_CHECKPOINT, checkpoint_temperature=None,
+                   source_checkpoint=source_of(folder / CALIBRATED_CHECKPOINT),
                    checkpoint_calibration="vector scaling" + (f" shared by folds {[f.name for f in folders]} (../{ENSEMBLE_FILE})"
                                                               if len(folders) > 1 else " of this fold"),
                    vector_scaling=vector)

@@ -1,4 +1,5 @@
-"""Hand-made ``evaluate`` inputs: ref/ (.nii.gz labels) and pred/ (.npz probabilities) with a dataset.json beside."""
+"""Hand-made folders: ``evaluate`` inputs (ref/ .nii.gz labels and pred/ .npz probabilities with a dataset.json
+beside) and a trained fold (:func:`make_fold`) with validation probabilities and a checkpoint with nnU-Net's head."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 
 def write_seg(path: Path, labels: np.ndarray) -> None:
@@ -34,3 +36,29 @@ def write_eval_folders(root: Path, cases: Iterable[tuple[np.ndarray, np.ndarray]
     (root / "dataset.json").write_text(json.dumps(
         {"labels": names, "channel_names": {"0": "x"}, "file_ending": ".nii.gz", "numTraining": n_cases}))
     return ref, pred
+
+
+def make_fold(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], val_cases: list[str],
+              checkpoint: bool = True) -> Path:
+    """A hand-made trained fold: <results>/Dataset777_Hand/Tr__nnUNetPlans__3d_fullres/fold_0 with validation
+    .npz files of ``cases`` (name -> (labels, probabilities)), gt_segmentations and splits_final.json."""
+    dataset = "Dataset777_Hand"
+    gt = root / "preprocessed" / dataset / "gt_segmentations"
+    gt.mkdir(parents=True)
+    (root / "preprocessed" / dataset / "splits_final.json").write_text(
+        json.dumps([{"train": [], "val": val_cases}]))
+    fold = root / "results" / dataset / "Tr__nnUNetPlans__3d_fullres" / "fold_0"
+    (fold / "validation").mkdir(parents=True)
+    (fold.parent / "dataset.json").write_text(json.dumps(
+        {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "x"}, "file_ending": ".nii.gz",
+         "numTraining": len(cases)}))
+    for name, (labels, probs) in cases.items():
+        write_seg(gt / f"{name}.nii.gz", labels)
+        if probs is not None:
+            write_probs(fold / "validation" / f"{name}.npz", probs)
+    if checkpoint:
+        head = torch.nn.Conv3d(8, 3, 1)
+        torch.save({"network_weights": {"decoder.seg_layers.0.weight": head.weight.detach(),
+                                        "decoder.seg_layers.0.bias": head.bias.detach()}},
+                   fold / "checkpoint_final.pth")
+    return fold

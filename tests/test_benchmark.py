@@ -14,6 +14,8 @@ from scipy.stats import wilcoxon
 
 from conftest import BIN
 
+pytestmark = pytest.mark.integration  # every test trains/plans with nnU-Net or runs the demo
+
 TRAINERS = ["nnUNetTrainerStock_test", "nnUNetTrainerMbLS_test"]
 
 

@@ -41,6 +41,7 @@ def _verify(folder: Path) -> None:
     verify_dataset_integrity(str(folder), num_processes=1)
 
 
+@pytest.mark.integration
 def test_synthetic_3d_and_2d_pass_nnunet_plan_and_preprocess(tmp_path: Path) -> None:
     env = _nnunet_env(tmp_path)
     make_synthetic_dataset(env["nnUNet_raw"], dataset_id=990, num_cases=6, shape=(24, 24, 24))

@@ -19,6 +19,8 @@ from scipy.special import log_softmax
 from geometry_datasets import GEOMETRIES, VALIDATION, VALIDATION_FOLD_1, array, planned
 from nnunet_fp16 import assert_close_where_fp16_is_normal, fp16_normal
 
+pytestmark = pytest.mark.integration  # every test uses the `folds` fixture: nnU-Net training of two folds
+
 TRAINER = "nnUNetTrainerStockFolds_test"
 HELD_OUT = ["case_0004", "case_0005"]
 

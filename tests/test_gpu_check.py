@@ -65,6 +65,7 @@ def dry_run(tmp_path_factory) -> tuple[dict, str]:
     return run_gpu_check(tmp_path_factory.mktemp("gpu_check_dry"), "--dry-run", env_extra={"CUDA_VISIBLE_DEVICES": ""})
 
 
+@pytest.mark.integration
 def test_dry_run_records_machine_command_and_runs_without_errors(dry_run):
     data, _ = dry_run
     assert data["mode"] == "dry-run" and data["device"] == "cpu"
@@ -80,6 +81,7 @@ def test_dry_run_records_machine_command_and_runs_without_errors(dry_run):
         assert entry["reason"].strip(), entry
 
 
+@pytest.mark.integration
 def test_every_loss_is_measured_or_skipped_with_a_reason_in_every_case(dry_run):
     data, _ = dry_run
     shapes = {"3d": "16 x 16 x 16", "2d": "32 x 32"}
@@ -98,6 +100,7 @@ def test_every_loss_is_measured_or_skipped_with_a_reason_in_every_case(dry_run):
     assert len(data["losses"]) >= len(NAMES) * 4  # every bf16 case
 
 
+@pytest.mark.integration
 def test_loss_times_memory_and_ratios_hold_together(dry_run):
     data, _ = dry_run
     repeats = data["settings"]["repeats"]
@@ -123,6 +126,7 @@ def test_loss_times_memory_and_ratios_hold_together(dry_run):
             assert by_key[(loss, dim, dtype, 8)] > nbytes, (loss, dim, dtype)
 
 
+@pytest.mark.integration
 def test_markdown_has_a_row_per_loss_with_numbers_and_targets(dry_run):
     data, markdown = dry_run
     lines = markdown.splitlines()
@@ -136,6 +140,7 @@ def test_markdown_has_a_row_per_loss_with_numbers_and_targets(dry_run):
     assert "<= 1.0x" in mbls_row and re.search(r"\| (yes|NO), (yes|NO) \|$", mbls_row)
 
 
+@pytest.mark.integration
 def test_trainer_steps_have_numbers_or_a_skip_reason(dry_run):
     data, markdown = dry_run
     trainers = ("nnUNetTrainer", "nnUNetTrainerMbLS")
@@ -167,6 +172,7 @@ def test_trainer_steps_have_numbers_or_a_skip_reason(dry_run):
     assert len(batch) == 5 and batch[1] == 1  # (B, channels, z, y, x): the 3d_fullres configuration
 
 
+@pytest.mark.integration
 def test_calibration_step_and_calibrated_prediction_are_timed(dry_run):
     data, markdown = dry_run
     for item in ("calibrate", "predict"):

@@ -300,6 +300,73 @@ def test_bad_hyper_parameters_raise_value_error_naming_the_argument(make, argume
         make()
 
 
+#: every numeric hyper-parameter of every loss family: (loss name, argument) -> (an integral valid value, a
+#: fractional valid value or None where only integers are valid)
+NUMERIC_HYPER_PARAMETERS = {
+    ("mbls", "margin"): (2, 2.5),
+    ("mbls", "lam"): (1, 0.3),
+    ("mbls_dice", "margin"): (2, 2.5),
+    ("mbls_dice", "lam"): (1, 0.3),
+    ("focal", "gamma"): (2, 1.5),
+    ("ls", "alpha"): (0, 0.2),
+    ("ecp", "alpha"): (0, 0.2),
+    ("svls", "sigma"): (1, 0.7),
+    ("nacl", "alpha"): (0, 0.2),
+    ("nacl", "kernel_size"): (5, None),
+    ("ce", "ignore_label"): (2, None),
+}
+
+
+def _wrong_types(argument, valid):
+    """A number written as text, a bool, None (a valid ignore_label) and NaN."""
+    values = [str(valid), True, float("nan")]
+    return values if argument == "ignore_label" else values + [None]
+
+
+@pytest.mark.parametrize(
+    "name, argument, value",
+    [(name, argument, value) for (name, argument), (valid, _) in NUMERIC_HYPER_PARAMETERS.items()
+     for value in _wrong_types(argument, valid)],
+)
+def test_wrong_type_or_nan_hyper_parameter_is_a_value_error_naming_argument_and_value(name, argument, value):
+    """Not the TypeError of comparing a str with a number: a trainer's loss_kwargs may hold any of these."""
+    with pytest.raises(ValueError) as info:
+        build_loss(name, **{argument: value})
+    assert argument in str(info.value) and repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize("name, argument", list(NUMERIC_HYPER_PARAMETERS))
+def test_numpy_scalar_hyper_parameters_give_the_python_float_loss(name, argument):
+    logits, target = make_inputs((4, 5), with_ignore=False, seed=3)
+    integral, fractional = NUMERIC_HYPER_PARAMETERS[(name, argument)]
+    cases = [(integral, (int, np.int64, np.float64))]
+    if fractional is not None:
+        cases.append((fractional, (np.float64,)))
+    for valid, kinds in cases:
+        reference = build_loss(name, **{argument: float(valid)})
+        expected = reference(logits, target).item()
+        for kind in kinds:
+            loss = build_loss(name, **{argument: kind(valid)})
+            stored, reference_stored = getattr(loss, argument), getattr(reference, argument)
+            assert stored == reference_stored and type(stored) is type(reference_stored), (kind, valid)  # no numpy
+            assert loss(logits, target).item() == expected, (kind, valid)
+
+
+def test_trainer_names_itself_in_a_loss_kwargs_error():
+    """A trainer subclass with a wrong-typed hyper-parameter: the error names the class and its loss_kwargs."""
+    from types import SimpleNamespace
+
+    from nnunet_mbls.trainers import nnUNetTrainerMbLS
+
+    class nnUNetTrainerMbLS_text(nnUNetTrainerMbLS):
+        loss_kwargs = {"margin": "10", "lam": 0.1}
+
+    trainer = object.__new__(nnUNetTrainerMbLS_text)  # no plans needed to build the loss
+    trainer.label_manager = SimpleNamespace(ignore_label=None)
+    with pytest.raises(ValueError, match=r"^nnUNetTrainerMbLS_text\.loss_kwargs: margin='10' is invalid.*margin=10\)$"):
+        trainer.build_plain_loss()
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_shape_mismatch_raises_value_error(name):
     loss = build_loss(name)

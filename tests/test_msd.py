@@ -16,6 +16,7 @@ from conftest import NnUNet
 TRAINER = "nnUNetTrainerMbLS_test"
 
 
+@pytest.mark.integration
 def test_msd_task_converts_plans_and_benchmarks(tmp_path):
     nn = NnUNet(tmp_path / "nnunet")
     msd = tmp_path / "msd"

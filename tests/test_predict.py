@@ -21,6 +21,8 @@ import SimpleITK as sitk
 from geometry_datasets import GEOMETRIES, Planned, array, planned, read
 from nnunet_fp16 import assert_close_where_fp16_is_normal
 
+pytestmark = pytest.mark.integration  # every test uses the `run` fixture: nnU-Net training and prediction
+
 TRAINER = "nnUNetTrainerMbLS_test"
 CASES = ["case_0004", "case_0005"]  # in neither fold's validation set
 MAPS = ["probabilities", "confidence", "entropy", "mutual_information"]

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_folders import write_eval_folders, write_probs, write_seg
+from eval_folders import make_fold, write_eval_folders, write_probs, write_seg
 
 IGNORE = 4  # the synthetic dataset's labels are 0..3; nnU-Net's ignore label is the next integer
 
@@ -63,6 +63,7 @@ def trainer_factory(nnunet_3d, monkeypatch, tmp_path):
     return make
 
 
+@pytest.mark.integration
 def test_every_trainer_builds_its_loss_with_the_ignore_label_and_ignored_voxels_get_no_gradient(trainer_factory):
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
@@ -210,6 +211,7 @@ def _batch_for(trainer, seed=0):
     return {"data": data, "target": targets}
 
 
+@pytest.mark.integration
 def test_train_step_raises_floating_point_error_when_the_loss_becomes_nan(trainer_factory):
     from nnunet_mbls.trainers import nnUNetTrainerMbLS
 
@@ -344,7 +346,7 @@ def test_evaluate_bad_input_names_case_and_problem_and_writes_nothing(kind, tmp_
     for fragment in EVALUATE_ERRORS[kind]:
         assert fragment in err, f"{fragment!r} not in {err!r}"
     assert not out.exists() and not out.with_suffix(".png").exists()
-    assert not list(tmp_path.rglob("*.tmp")) and not list(pred.glob("calibration_metrics*"))
+    assert not list(tmp_path.rglob(".nnunet_mbls-partial.*")) and not list(pred.glob("calibration_metrics*"))
 
 
 def test_evaluate_console_script_fails_cleanly_and_keeps_an_earlier_result(tmp_path):
@@ -362,32 +364,6 @@ def test_evaluate_console_script_fails_cleanly_and_keeps_an_earlier_result(tmp_p
 
 
 # ------------------------------------------------------------------ calibrate: missing prerequisites, degenerate fits
-def make_fold(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray]], val_cases: list[str],
-              checkpoint: bool = True) -> Path:
-    """A hand-made trained fold: <results>/Dataset777_Hand/Tr__nnUNetPlans__3d_fullres/fold_0 with validation
-    .npz files of ``cases`` (name -> (labels, probabilities)), gt_segmentations and splits_final.json."""
-    dataset = "Dataset777_Hand"
-    gt = root / "preprocessed" / dataset / "gt_segmentations"
-    gt.mkdir(parents=True)
-    (root / "preprocessed" / dataset / "splits_final.json").write_text(
-        json.dumps([{"train": [], "val": val_cases}]))
-    fold = root / "results" / dataset / "Tr__nnUNetPlans__3d_fullres" / "fold_0"
-    (fold / "validation").mkdir(parents=True)
-    (fold.parent / "dataset.json").write_text(json.dumps(
-        {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "x"}, "file_ending": ".nii.gz",
-         "numTraining": len(cases)}))
-    for name, (labels, probs) in cases.items():
-        write_seg(gt / f"{name}.nii.gz", labels)
-        if probs is not None:
-            write_probs(fold / "validation" / f"{name}.npz", probs)
-    if checkpoint:
-        head = torch.nn.Conv3d(8, 3, 1)
-        torch.save({"network_weights": {"decoder.seg_layers.0.weight": head.weight.detach(),
-                                        "decoder.seg_layers.0.bias": head.bias.detach()}},
-                   fold / "checkpoint_final.pth")
-    return fold
-
-
 def test_calibrate_with_a_checkpoint_but_no_validation_probabilities_says_what_to_run(tmp_path, monkeypatch):
     from nnunet_mbls.calibrate import CalibrationStepError, calibrate_output_folder
 
@@ -455,6 +431,7 @@ def resumed_fold(nnunet_3d):
     return nn, fold, crashed, resumed
 
 
+@pytest.mark.integration
 def test_interrupted_training_resumes_with_the_same_loss_and_hyper_parameters(resumed_fold):
     nn, fold, crashed, resumed = resumed_fold
     assert crashed.returncode != 0 and "simulated crash after epoch 0" in crashed.stderr
@@ -470,6 +447,7 @@ def test_interrupted_training_resumes_with_the_same_loss_and_hyper_parameters(re
     assert (fold / "calibration.json").is_file() and (fold / "checkpoint_final_calibrated.pth").is_file()
 
 
+@pytest.mark.integration
 def test_rerunning_validation_is_idempotent_and_replaces_the_calibrated_checkpoint_atomically(resumed_fold):
     nn, fold, _, _ = resumed_fold
     final = fold / "checkpoint_final.pth"
@@ -491,7 +469,7 @@ def test_rerunning_validation_is_idempotent_and_replaces_the_calibrated_checkpoi
     assert calibrated.stat().st_ino != before["calibrated_inode"]
     folded = torch.load(calibrated, map_location="cpu", weights_only=False)
     assert folded["mbls_temperature"] == pytest.approx(before["T"])
-    assert not list(fold.rglob(".*.tmp"))
+    assert not list(fold.rglob(".nnunet_mbls-partial.*"))
 
 
 # ------------------------------------------------------------------ two-process DDP (gloo on CPU)
@@ -606,7 +584,7 @@ def test_atomic_write_permission_denied_and_unserialisable_json_change_nothing(t
         with pytest.raises(PermissionError, match="could not write .*evaluation.json"):
             io.atomic_write_json(target, {"a": 2})
     with monkeypatch.context() as m:  # no space even for the temporary file
-        m.setattr(io.tempfile, "mkstemp", _enospc)
+        m.setattr(io, "_partial_folder", _enospc)
         with pytest.raises(OSError, match="could not write .*evaluation.json.*nothing was changed"):
             io.atomic_write_json(target, {"a": 3})
     with pytest.raises(TypeError):

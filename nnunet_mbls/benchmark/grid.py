@@ -31,13 +31,10 @@ class Cell:
         return (self.folder / "checkpoint_final.pth").is_file()
 
     def is_calibrated(self) -> bool:
-        """calibration.json exists and is not older than the final checkpoint."""
-        calibration, checkpoint = self.folder / "calibration.json", self.folder / "checkpoint_final.pth"
-        return (
-            calibration.is_file()
-            and checkpoint.is_file()
-            and calibration.stat().st_mtime >= checkpoint.stat().st_mtime
-        )
+        """The calibration step finished on today's checkpoint (read from the files, see ``calibration_problem``)."""
+        from ..calibrate import calibration_problem
+
+        return calibration_problem(self.folder) is None
 
     def label(self) -> str:
         return f"{self.dataset} {self.configuration} fold {self.fold} {self.trainer}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -10,8 +10,34 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..io import atomic_write
+from ..errors import InputError
+from ..io import atomic_write, read_json_file, refuse_outputs_over_inputs, staged_output
+from ..probabilities import check_probabilities, load_probabilities
 from .temperature import apply_temperature
+
+
+def check_temperature_value(value: object, source: str) -> float:
+    """``value`` as a float T > 0, or InputError naming ``source`` (the argument or file it came from)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{source}: temperature {value!r} is invalid; T must be a finite number > 0 (e.g. 1.5)")
+    return float(value)
+
+
+def read_calibration_temperature(calibration_json: str | os.PathLike, key: str = "temperature",
+                                 fallback: str | None = None, argument: str = "--calibration-json") -> float:
+    """The temperature ``key`` (else ``fallback`` where ``key`` is absent or null) of a ``calibration.json``
+    written by ``nnunet-mbls calibrate`` or our trainers.
+
+    Raises:
+        InputError: naming ``argument`` and the file when it is missing, not JSON, not an object, or lacks a valid T.
+    """
+    record = read_json_file(calibration_json, argument)
+    if isinstance(record, dict) and record.get(key) is None and fallback is not None:
+        key = fallback
+    if not isinstance(record, dict) or key not in record:
+        raise InputError(f"{argument} {calibration_json} holds no '{key}'; pass the calibration.json that "
+                         f"nnunet-mbls calibrate (or our trainers) wrote into the fold folder")
+    return check_temperature_value(record[key], f"{argument} {calibration_json}")
 
 
 def apply_temperature_to_folder(
@@ -23,34 +49,46 @@ def apply_temperature_to_folder(
     """Write normalize(p ** (1/T)) of every ``.npz`` in ``input_folder`` to ``output_folder``.
 
     The ``.pkl`` properties are copied along, so nnU-Net's ensembling and our evaluation read the
-    output like the input. T comes from ``temperature`` or from a ``calibration.json``.
-    Refuses to write into the input folder or over existing files.
+    output like the input. T comes from ``temperature`` or from a ``calibration.json``. Every file is
+    checked (:func:`~nnunet_mbls.probabilities.check_probabilities`) and the output is staged: on bad
+    input nothing is written, so the same command succeeds once the input is repaired.
+
+    Raises:
+        InputError: bad T, an output folder inside (or equal to) the input folder, existing files in the
+            output folder, or a probability file that cannot be used (naming the case and the file).
     """
     src, dst = Path(input_folder), Path(output_folder)
     if (temperature is None) == (calibration_json is None):
-        raise ValueError("pass exactly one of temperature=T or calibration_json=PATH")
-    if calibration_json is not None:
-        temperature = float(json.loads(Path(calibration_json).read_text())["temperature"])
+        raise InputError("pass exactly one of temperature=T (-t) or calibration_json=PATH (--calibration-json)")
+    temperature = (read_calibration_temperature(calibration_json) if calibration_json is not None
+                   else check_temperature_value(temperature, "-t"))
+    if not src.is_dir():
+        raise InputError(f"-i {src} is not a folder; pass a folder of nnU-Net .npz (+ .pkl) files")
+    refuse_outputs_over_inputs({"-o": dst}, {"--calibration-json": calibration_json or []}, {"-i": src})
     files = sorted(src.glob("*.npz"))
     if not files:
-        raise FileNotFoundError(f"no .npz files in {src}")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"output folder {dst} is the input folder; choose another folder (nothing is overwritten)")
-    clashes = [f.name for f in files if (dst / f.name).exists()]
+        raise InputError(f"no .npz files in -i {src}; predict with nnUNetv2_predict ... --save_probabilities")
+    clashes = [f.name for f in files if (dst / f.name).exists() or (dst / f.with_suffix(".pkl").name).exists()]
     if clashes:
-        raise FileExistsError(f"{dst} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; choose an empty folder")
+        raise InputError(f"-o {dst} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; choose an empty "
+                         f"folder (nothing is overwritten)")
     written = []
-    for npz in tqdm(files, desc=f"applying T={temperature:.4g}"):
-        with np.load(npz) as data:
-            arrays = dict(data)
-        arrays["probabilities"] = apply_temperature(arrays["probabilities"].astype(np.float32), temperature)
+    with staged_output(dst) as staging:
+        for npz in tqdm(files, desc=f"applying T={temperature:.4g}"):
+            case = npz.name[: -len(".npz")]
+            probabilities, _ = load_probabilities(case, npz)
+            check_probabilities(case, probabilities)
+            with np.load(npz) as data:  # the other arrays nnU-Net may have stored, unchanged
+                arrays = {key: data[key] for key in data.files if key != "probabilities"}
+            arrays["probabilities"] = apply_temperature(probabilities, temperature)
 
-        def write(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **arrays)
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
 
-        written.append(atomic_write(dst / npz.name, write))
-        pkl = npz.with_suffix(".pkl")
-        if pkl.is_file():
-            atomic_write(dst / pkl.name, lambda tmp: shutil.copyfile(pkl, tmp))
+            atomic_write(staging / npz.name, write)
+            written.append(dst / npz.name)
+            pkl = npz.with_suffix(".pkl")
+            if pkl.is_file():
+                atomic_write(staging / pkl.name, lambda tmp: shutil.copyfile(pkl, tmp))
     return written

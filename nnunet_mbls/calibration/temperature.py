@@ -28,7 +28,7 @@ from nnunet_mbls.calibration._inputs import (
     iter_chunks,
 )
 from nnunet_mbls.calibration.metrics import NLL_FLOOR
-from nnunet_mbls.io import atomic_write
+from nnunet_mbls.io import atomic_write, file_sha256
 
 LOG_FLOOR = math.log(NLL_FLOOR)  #: log-probabilities are floored here in the fit (same floor as the NLL metric)
 _ROWS_PER_CHUNK = 2**16  # (rows, C) temporaries stay in cache
@@ -332,7 +332,8 @@ def fold_logit_affine_into_checkpoint(
     folds and mirroring commutes with this map, so one map folded into every fold transforms the ensemble.
     Every other weight and all state-dict keys stay as they are, so nnU-Net's predictor loads ``dst``
     strictly under any trainer name (stock ``nnUNetTrainer`` too). The file is for inference: the optimizer
-    and grad-scaler states (as large as the weights) are left out; ``checkpoint['mbls_logit_affine']``
+    and grad-scaler states (as large as the weights) are left out; ``checkpoint['mbls_source']`` names the
+    trained checkpoint it derives from (file name and SHA-256); ``checkpoint['mbls_logit_affine']``
     records the map (composed with any map ``src`` already had), and ``temperature`` (T times any already
     recorded) goes to ``checkpoint['mbls_temperature']``.
 
@@ -383,6 +384,8 @@ def fold_logit_affine_into_checkpoint(
         checkpoint["mbls_temperature"] = float(checkpoint.get("mbls_temperature", 1.0)) * temperature
     for key in ("optimizer_state", "grad_scaler_state"):
         checkpoint.pop(key, None)
+    # the trained checkpoint this file derives from (kept through further folds): what "is calibrated" checks
+    checkpoint.setdefault("mbls_source", {"file": src.name, "sha256": file_sha256(src)})
     atomic_write(dst, lambda tmp: torch.save(checkpoint, tmp))
     return modified
 

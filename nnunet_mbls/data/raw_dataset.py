@@ -178,7 +178,7 @@ def write_case(folder: str | os.PathLike, case_id: str, image: np.ndarray | Sequ
 
 def write_nifti(path: Path, image: sitk.Image) -> Path:
     """Write a SimpleITK image to ``path`` (.nii.gz, compressed) atomically."""
-    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), suffix=FILE_ENDING)
+    return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def write_dataset_json(folder: str | os.PathLike, channel_names: Mapping[str, str], labels: Mapping[str, int],

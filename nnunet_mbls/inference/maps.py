@@ -66,10 +66,10 @@ class MapWriter:
         path = self.folder / f"{case}_{suffix}{SUFFIX}"
         if self.dtype == "uint8" and is_probability:
             quantised = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
-            return atomic_write(path, lambda tmp: _write_scaled_uint8(quantised, template, tmp), suffix=SUFFIX)
+            return atomic_write(path, lambda tmp: _write_scaled_uint8(quantised, template, tmp))
         image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
         image.CopyInformation(template)
-        return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True), suffix=SUFFIX)
+        return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def _write_scaled_uint8(quantised: np.ndarray, template: sitk.Image, tmp: str) -> None:

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..io import atomic_write, atomic_write_json
+from ..calibration.files import read_calibration_temperature
+from ..errors import InputError
+from ..io import atomic_write, atomic_write_json, refuse_outputs_over_inputs, staged_output
 from .maps import MapWriter, check_map_request, write_case_maps
 from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, default_flag_rule, write_qc_table
 from .uncertainty import FoldStatistics, entropy
@@ -29,7 +31,7 @@ CALIBRATED_CHECKPOINT = "checkpoint_final_calibrated.pth"
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 
 
-class PredictionInputError(ValueError):
+class PredictionInputError(InputError):
     """Bad input of predict/maps; the message names the argument, the value and the fix."""
 
 
@@ -64,29 +66,69 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
                 f"fold {fold}: {folder / needed[-1]} does not exist; train it (nnUNetv2_train {dataset} "
                 f"{configuration} {fold} -tr {trainer} -p {plans}), drop it from -f, or pass an existing -chk")
     if not calibrated:
+        check_checkpoints_load(model_folder, folds, name, "restore or retrain it, or pass another -chk")
         return FoldModels(model_folder, folds, name, [1.0] * len(folds))
+    redo = f"redo it with nnunet-mbls calibrate -d {dataset} -c {configuration} -f {{fold}} -tr {trainer} -p {plans}"
     if all((model_folder / f"fold_{f}" / CALIBRATED_CHECKPOINT).is_file() for f in folds):
+        from ..calibrate import calibration_problem
+
+        for fold in folds:
+            problem = calibration_problem(model_folder / f"fold_{fold}")
+            if problem is not None:
+                raise PredictionInputError(f"fold {fold}: the calibration is not usable ({problem}); "
+                                           f"{redo.format(fold=fold)}, or predict without --calibrated")
         return FoldModels(model_folder, folds, CALIBRATED_CHECKPOINT, [1.0] * len(folds), "calibrated checkpoints")
     temperatures = []
     for fold in folds:
         calibration = model_folder / f"fold_{fold}" / "calibration.json"
         if not calibration.is_file() or not (model_folder / f"fold_{fold}" / DEFAULT_CHECKPOINT).is_file():
             raise PredictionInputError(
-                f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): run "
-                f"nnunet-mbls calibrate -d {dataset} -c {configuration} -f {fold} -tr {trainer} -p {plans} first, "
-                f"or predict without --calibrated")
-        record = json.loads(calibration.read_text())  # the T its calibrated checkpoint would hold (an ensemble T, or its own)
-        temperatures.append(float(record.get("checkpoint_temperature") or record["temperature"]))
+                f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): "
+                f"{redo.format(fold=fold)} first, or predict without --calibrated")
+        # the T its calibrated checkpoint would hold (an ensemble T, or its own)
+        temperatures.append(read_calibration_temperature(calibration, "checkpoint_temperature", "temperature",
+                                                         f"fold {fold}'s calibration record"))
+    check_checkpoints_load(model_folder, folds, DEFAULT_CHECKPOINT, "restore or retrain it")
     return FoldModels(model_folder, folds, DEFAULT_CHECKPOINT, temperatures, "temperatures of calibration.json")
 
 
-def check_folders(input_folder: Path, output_folder: Path) -> None:
+def check_checkpoints_load(model_folder: Path, folds: Sequence[str], name: str, fix: str) -> None:
+    """PredictionInputError naming the file unless every fold's checkpoint ``name`` loads as an nnU-Net checkpoint."""
+    for fold in folds:
+        path = model_folder / f"fold_{fold}" / name
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):
+                raise ValueError("no 'network_weights' state dict")
+        except Exception as e:  # truncated, not a torch file, not nnU-Net's: all mean the file cannot serve
+            raise PredictionInputError(f"fold {fold}: {path} cannot be loaded as an nnU-Net checkpoint "
+                                       f"({type(e).__name__}: {e}); {fix}") from e
+
+
+def check_input_channels(list_of_lists: list[list[str]], dataset_json: dict, input_folder: Path) -> None:
+    """PredictionInputError naming the case unless every case has one image file per channel of the model."""
+    channels = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
+    ending = dataset_json["file_ending"]
+    for files in list_of_lists:
+        case = os.path.basename(files[0])[: -len(ending) - 5]
+        expected = [f"{case}_{int(k):04d}{ending}" for k in channels]
+        if sorted(os.path.basename(f) for f in files) != sorted(expected):
+            raise PredictionInputError(
+                f"-i {input_folder}: case {case} has {len(files)} channel file(s) "
+                f"({', '.join(os.path.basename(f) for f in files)}) but the model expects {len(channels)} "
+                f"({', '.join(f'_{int(k):04d} {v}' for k, v in channels.items())}); pass exactly {', '.join(expected)}")
+
+
+def check_folders(input_folder: Path, output_folder: Path, model_files: Sequence[Path] = ()) -> None:
+    """PredictionInputError unless ``input_folder`` exists and the outputs stay clear of it and of ``model_files``."""
     if not input_folder.is_dir():
         raise PredictionInputError(f"-i {input_folder} is not a folder; pass the folder of input images")
-    out, inp = output_folder.resolve(), input_folder.resolve()
-    if out == inp or inp in out.parents:
-        raise PredictionInputError(f"-o {output_folder} is the input folder -i {input_folder} or inside it; nnU-Net "
-                                   f"would read our outputs as input images: choose another output folder")
+    try:
+        refuse_outputs_over_inputs({"-o": output_folder, "-o (dataset.json)": output_folder / "dataset.json",
+                                    "-o (plans.json)": output_folder / "plans.json"},
+                                   {"the model": list(model_files)}, {"-i": input_folder})
+    except ValueError as e:
+        raise PredictionInputError(str(e)) from e
 
 
 def _fold_loop_logits(predictor, data: torch.Tensor, temperatures: Sequence[float], stats: FoldStatistics) -> torch.Tensor:
@@ -152,9 +194,9 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     from ..geometry import network_to_original
 
     input_folder, output_folder = Path(input_folder), Path(output_folder)
-    check_folders(input_folder, output_folder)
     dataset_name = maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
     model_folder = Path(get_output_folder(dataset_name, trainer, plans, configuration))
+    check_folders(input_folder, output_folder, [model_folder / "dataset.json", model_folder / "plans.json"])
     if not model_folder.is_dir():
         raise PredictionInputError(f"no trained model in {model_folder}; check -d/-c/-tr/-p or train first")
     models = resolve_folds(model_folder, folds, checkpoint, calibrated, dataset_name, configuration, trainer, plans)
@@ -175,13 +217,13 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     if predictor.configuration_manager.previous_stage_name is not None:
         raise PredictionInputError(f"{configuration} is a cascade stage; nnunet-mbls predict supports single-stage "
                                    f"configurations (2d, 3d_fullres, 3d_lowres)")
-    output_folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
-        atomic_write_json(output_folder / name, content)  # as nnUNetv2_predict: evaluate/maps find them here
     list_of_lists, output_truncated, _ = predictor._manage_input_and_output_lists(
         str(input_folder), str(output_folder), None, True, 0, 1, False)
     if not list_of_lists:
         raise PredictionInputError(f"no input images ending in _0000{predictor.dataset_json['file_ending']} in {input_folder}")
+    check_input_channels(list_of_lists, predictor.dataset_json, input_folder)
+    for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
+        atomic_write_json(output_folder / name, content)  # as nnUNetv2_predict: evaluate/maps find them here
 
     label_manager = predictor.label_manager
     foreground = {int(v): k for k, v in predictor.dataset_json["labels"].items() if k != "ignore" and int(v) != 0}
@@ -201,7 +243,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             return_probabilities=True)
         seg_file = output_folder / f"{case}{ending}"
         rw = predictor.plans_manager.image_reader_writer_class()
-        atomic_write(seg_file, lambda tmp: rw.write_seg(segmentation, tmp, properties), suffix=ending)
+        atomic_write(seg_file, lambda tmp: rw.write_seg(segmentation, tmp, properties))
         h = entropy(probabilities)
         if mi is not None:
             mi = network_to_original(mi, properties, predictor.plans_manager, predictor.configuration_manager)[0]
@@ -231,24 +273,28 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
     """
     import SimpleITK as sitk
 
+    from ..calibration.files import check_temperature_value
     from ..calibration.temperature import apply_temperature
-    from ..evaluation import load_probabilities
+    from ..io import read_json_file
+    from ..probabilities import check_probabilities, load_probabilities
 
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not input_folder.is_dir():
         raise PredictionInputError(f"-i {input_folder} is not a folder; pass a nnUNetv2_predict --save_probabilities output")
-    if output_folder.resolve() == input_folder.resolve():
-        raise PredictionInputError(f"-o {output_folder} is the input folder; choose another folder (nothing is overwritten)")
+    refuse_outputs_over_inputs({"-o": output_folder}, {"--calibration-json": calibration_json or []},
+                               {"-i": input_folder})
     if temperature is not None and calibration_json is not None:
         raise PredictionInputError("pass either -t T or --calibration-json F, not both")
     if calibration_json is not None:
-        temperature = float(json.loads(Path(calibration_json).read_text())["temperature"])
+        temperature = read_calibration_temperature(calibration_json)
+    elif temperature is not None:
+        temperature = check_temperature_value(temperature, "-t")
     dataset_json_file = input_folder / "dataset.json"
     if not dataset_json_file.is_file():
         raise PredictionInputError(f"{dataset_json_file} is missing; nnUNetv2_predict writes it into its output folder")
-    dataset_json = json.loads(dataset_json_file.read_text())
+    dataset_json = read_json_file(dataset_json_file, "-i's dataset.json")
     plans_file = input_folder / "plans.json"
-    reader = json.loads(plans_file.read_text()).get("image_reader_writer") if plans_file.is_file() else None
+    reader = read_json_file(plans_file, "-i's plans.json").get("image_reader_writer") if plans_file.is_file() else None
     check_map_request(maps, maps_dtype, reader)
     ending = dataset_json["file_ending"]
     npz_files = sorted(input_folder.glob("*.npz"))
@@ -259,23 +305,30 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
             if not needed.is_file():
                 raise PredictionInputError(f"{needed} is missing: maps need the .pkl and the segmentation that "
                                            f"nnUNetv2_predict writes next to each .npz")
-    foreground = {int(v): k for k, v in dataset_json["labels"].items() if k != "ignore" and int(v) != 0}
+    labels = {k: v for k, v in dataset_json["labels"].items() if k != "ignore"}
+    foreground = {int(v): k for k, v in labels.items() if int(v) != 0}
     rule = flag_rule or default_flag_rule(1)
     if rule.score == "mean_fold_dice":
         raise PredictionInputError("--flag-score mean_fold_dice needs the folds' predictions: use nnunet-mbls predict")
-    writer = MapWriter(output_folder / "maps", maps_dtype)
     rows = {}
-    for npz in tqdm(npz_files, desc="maps", unit="case"):
-        case = npz.stem
-        probabilities, properties = load_probabilities(case, npz)
-        if temperature is not None:
-            probabilities = apply_temperature(probabilities, temperature)
-        template = sitk.ReadImage(str(input_folder / f"{case}{ending}"))
-        segmentation = probabilities.argmax(0)
-        h = entropy(probabilities)
-        write_case_maps(writer, case, probabilities, template, maps, foreground, h)
-        rows[case] = case_scores(segmentation, probabilities, properties["spacing"], foreground, boundary_width,
-                                 entropy_map=h)
-    settings = {"command": "maps", "input": str(input_folder), "temperature": temperature, "maps": list(maps),
-                "maps_dtype": maps_dtype, "boundary_width": boundary_width}
-    return write_qc_table(rows, rule, output_folder, settings)
+    # staged: a bad case (or a kill) leaves the output folder as it was; the rerun after the repair succeeds
+    with staged_output(output_folder) as staging:
+        writer = MapWriter(staging / "maps", maps_dtype)
+        for npz in tqdm(npz_files, desc="maps", unit="case"):
+            case = npz.stem
+            probabilities, properties = load_probabilities(case, npz)
+            template = sitk.ReadImage(str(input_folder / f"{case}{ending}"))
+            size = tuple(reversed(template.GetSize()))
+            grid = (1,) * (probabilities.ndim - 1 - len(size)) + size  # 2-D images: nnU-Net's (1, y, x)
+            check_probabilities(case, probabilities, len(labels), grid, f"its segmentation {case}{ending}")
+            if temperature is not None:
+                probabilities = apply_temperature(probabilities, temperature)
+            segmentation = probabilities.argmax(0)
+            h = entropy(probabilities)
+            write_case_maps(writer, case, probabilities, template, maps, foreground, h)
+            rows[case] = case_scores(segmentation, probabilities, properties["spacing"], foreground, boundary_width,
+                                     entropy_map=h)
+        settings = {"command": "maps", "input": str(input_folder), "temperature": temperature, "maps": list(maps),
+                    "maps_dtype": maps_dtype, "boundary_width": boundary_width}
+        write_qc_table(rows, rule, staging, settings)
+    return output_folder / "qc.csv"

@@ -9,42 +9,64 @@ Every loss here follows nnU-Net's layout: logits (B, C, *spatial) and an integer
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 
+def _checked_number(name: str, value: object, requirement: str, ok, example: str) -> float:
+    """``value`` as a float if it is a real number for which ``ok(number)`` holds, else a ValueError naming
+    ``name``, the value, ``requirement`` and a fix.
+
+    Real numbers are Python ints and floats, numpy scalars and 0-d numpy arrays / torch tensors of a real
+    dtype; bool, str, None, sequences, complex numbers and NaN are not (a config may hold any of them).
+    """
+    number = value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        kind = type(number).__name__
+        kind = "None" if number is None else f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    elif math.isnan(number):
+        kind = "NaN"
+    elif ok(float(number)):
+        return float(number)
+    else:
+        kind = None
+    if isinstance(value, str):  # a number written as text: suggest that number, if it would be accepted
+        try:
+            parsed = float(value)
+            if ok(parsed):
+                example = str(int(parsed)) if parsed.is_integer() else repr(parsed)
+        except (ValueError, OverflowError):
+            pass
+    raise ValueError(f"{name}={value!r} is invalid: it must be {requirement}{f', not {kind}' if kind else ''} "
+                     f"(e.g. {name}={example})")
+
+
 def check_non_negative(name: str, value: float) -> float:
-    if not value >= 0 or value != value:
-        raise ValueError(f"{name}={value!r} is invalid: it must be a number >= 0 (e.g. {name}=0.1)")
-    return float(value)
+    return _checked_number(name, value, "a number >= 0", lambda x: x >= 0, "0.1")
 
 
 def check_positive(name: str, value: float) -> float:
-    if not value > 0:
-        raise ValueError(f"{name}={value!r} is invalid: it must be a number > 0 (e.g. {name}=1.0)")
-    return float(value)
+    return _checked_number(name, value, "a number > 0", lambda x: x > 0, "1.0")
 
 
 def check_unit_interval(name: str, value: float) -> float:
-    if not 0 <= value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: it must lie in [0, 1) (e.g. {name}=0.1)")
-    return float(value)
+    return _checked_number(name, value, "a number in [0, 1)", lambda x: 0 <= x < 1, "0.1")
 
 
 def check_odd_kernel(name: str, value: int) -> int:
-    if int(value) != value or value < 3 or value % 2 == 0:
-        raise ValueError(f"{name}={value!r} is invalid: it must be an odd integer >= 3 (e.g. {name}=3)")
-    return int(value)
+    odd = lambda x: x.is_integer() and x >= 3 and x % 2 == 1  # noqa: E731
+    return int(_checked_number(name, value, "an odd integer >= 3", odd, "3"))
 
 
 def check_ignore_label(value: int | None) -> int | None:
     if value is None:
         return None
-    if int(value) != value or value < 0:
-        raise ValueError(f"ignore_label={value!r} is invalid: it must be a non-negative integer or None")
-    return int(value)
+    requirement = "a non-negative integer or None"
+    return int(_checked_number("ignore_label", value, requirement, lambda x: x.is_integer() and x >= 0, "None"))
 
 
 class Prepared(NamedTuple):

@@ -20,6 +20,7 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
+from ..locks import fold_lock
 from ..losses import LOSSES, build_loss
 from ..losses.registry import USES_NNUNET_DICE
 from .online_ece import ONLINE_ECE_KEY, OnlineECE, add_online_ece_to_logger, sum_over_ranks
@@ -71,7 +72,12 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         kwargs = dict(self.loss_kwargs, ignore_label=self.label_manager.ignore_label)
         if self.loss_name in USES_NNUNET_DICE:
             kwargs.update(batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp)
-        return build_loss(self.loss_name, **kwargs)
+        try:
+            return build_loss(self.loss_name, **kwargs)
+        except ValueError as error:
+            if self.loss_name not in LOSSES:  # the name is wrong, not the hyper-parameters: build_loss says so
+                raise
+            raise ValueError(f"{type(self).__name__}.loss_kwargs: {error}") from error
 
     def _build_loss(self):
         loss = self.build_plain_loss()
@@ -134,8 +140,10 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         # the calibration step needs the probabilities, so they are always exported; when the user did not ask
         # for them (--npz) they are deleted once the step has succeeded, so training costs no more disk than stock
-        super().perform_actual_validation(save_probabilities=True)
-        if self.local_rank == 0:
+        if self.local_rank != 0:
+            return super().perform_actual_validation(save_probabilities=True)
+        with fold_lock(self.output_folder, what="nnUNetv2_train's validation and calibration step"):
+            super().perform_actual_validation(save_probabilities=True)
             self.run_calibration_step()
             if not save_probabilities:
                 self.delete_validation_probabilities()
