@@ -7,7 +7,9 @@ tests run the real console script in subprocesses.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -51,8 +53,16 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "nnunet-mbls"), *args], capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})))
+    """The console script: in a subprocess with ``env`` (nnU-Net reads its folders at import), else in this process."""
+    if env is not None:
+        return subprocess.run([str(BIN / "nnunet-mbls"), *args], capture_output=True, text=True,
+                              env=dict(os.environ, **env))
+    from nnunet_mbls.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
