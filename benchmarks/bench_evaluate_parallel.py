@@ -39,10 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import load_average, machine_info, markdown_table, median, save_json  # noqa: E402
 from _eval_cases import make_eval_folder  # noqa: E402
 
-from nnunet_mbls.evaluation import evaluate_folder  # noqa: E402
+from nnunet_mbls.calibration.evaluation import evaluate_folder  # noqa: E402
 
 try:
-    from nnunet_mbls.evaluation import start_case_workers  # noqa: E402
+    from nnunet_mbls.calibration.evaluation import start_case_workers  # noqa: E402
 except ImportError:  # before worker processes existed: serial rows only
     start_case_workers = None
 
@@ -95,7 +95,7 @@ def main() -> None:
             steps[f"evaluate_folder np={n}, warm pool"] = (lambda pool=pool, n=n: in_pool(pool, lambda: evaluate_folder(
                 ref, pred, progress=False, num_processes=n)), "evaluate_folder np=1")
         if args.calibrate:
-            from nnunet_mbls.calibrate import calibrate_output_folder
+            from nnunet_mbls.calibration.folds import calibrate_output_folder
 
             fold = as_fold(Path(tmp), ref, pred)
             os.environ["nnUNet_preprocessed"] = str(Path(tmp) / "preprocessed")
@@ -170,15 +170,15 @@ def cores_available(n: int) -> float:
 
 
 def in_pool(pool, fn):
-    """Run fn with ``pool`` as the shared worker pool of nnunet_mbls.evaluation (what a case_workers() block holds
+    """Run fn with ``pool`` as the shared worker pool of nnunet_mbls.calibration.evaluation (what a case_workers() block holds
     once its first call has started the workers)."""
-    from nnunet_mbls import evaluation
+    from nnunet_mbls.calibration.evaluation import workers
 
-    evaluation._SHARED_WORKERS.append({"pool": pool})
+    workers._SHARED_WORKERS.append({"pool": pool})
     try:
         return fn()
     finally:
-        evaluation._SHARED_WORKERS.pop()
+        workers._SHARED_WORKERS.pop()
 
 
 if __name__ == "__main__":

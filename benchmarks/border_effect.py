@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_mbls.calibrate import T_BOUNDS, gt_folder_for
+from nnunet_mbls.calibration.folds import gt_folder_for
+from nnunet_mbls.defaults import T_BOUNDS
 from nnunet_mbls.calibration.temperature import fit_temperature
-from nnunet_mbls.evaluation import LabelInfo, load_probabilities, match_cases, reader_for
+from nnunet_mbls.calibration.evaluation import LabelInfo, load_probabilities, match_cases, reader_for
 
 
 def main() -> None:

@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from nnunet_mbls.benchmark.grid import Cell, dataset_name
-    from nnunet_mbls.calibrate import DEFAULT_MAX_VOXELS, fit_temperature_on, gt_folder_for, plans_of
-    from nnunet_mbls.evaluation import evaluate_folder
+    from nnunet_mbls.calibration.folds import fit_temperature_on, gt_folder_for, plans_of
+    from nnunet_mbls.defaults import MAX_VOXELS as DEFAULT_MAX_VOXELS
+    from nnunet_mbls.calibration.evaluation import evaluate_folder
 
     dataset = dataset_name(args.d)
     results: dict = {}

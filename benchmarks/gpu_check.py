@@ -414,7 +414,7 @@ def trainer_steps_part(report: Report, cfg: dict, device: torch.device, args: ar
 def pipeline_part(report: Report, cfg: dict, device: torch.device, args: argparse.Namespace, root: Path) -> None:
     """Train fold 0 of nnUNetTrainerMbLS briefly, nnU-Net's validation with probabilities, then the timed parts:
     our calibration step and a calibrated nnUNetv2_predict."""
-    cal_what = {"what": "calibration step: nnunet_mbls.calibrate.calibrate_output_folder(fold_0)"}
+    cal_what = {"what": "calibration step: nnunet_mbls.calibration.folds.calibrate_output_folder(fold_0)"}
     pred_what = {"what": "nnUNetv2_predict -chk checkpoint_final_calibrated.pth --save_probabilities"}
     reason = report.budget.refuse("pipeline" if device.type == "cuda" else "")
     if reason:
@@ -449,7 +449,8 @@ def pipeline_part(report: Report, cfg: dict, device: torch.device, args: argpars
         return
     report.save()
 
-    from nnunet_mbls.calibrate import CALIBRATED_CHECKPOINT, calibrate_output_folder
+    from nnunet_mbls.calibration.folds import calibrate_output_folder
+    from nnunet_mbls.layout import CALIBRATED_CHECKPOINT
 
     try:
         t0 = time.perf_counter()

@@ -49,7 +49,7 @@ def set_nnunet_environment(out: Path, device: str) -> None:
 
 def plan_and_preprocess(dataset_id: int, log_file: Path) -> None:
     """nnU-Net's own planning and preprocessing (2d configuration), once."""
-    from .benchmark.grid import dataset_name
+    from .layout import dataset_name
 
     preprocessed = Path(os.environ["nnUNet_preprocessed"])
     if (preprocessed / dataset_name(dataset_id) / "nnUNetPlans_2d").is_dir():
@@ -110,8 +110,9 @@ def predict_validation_cases(out: Path, dataset_id: int, trainer: str, device: s
     """``nnunet-mbls predict`` of fold 0's validation images with the calibrated fold 0; returns qc.csv."""
     import json
 
-    from .benchmark.grid import Cell, dataset_name
+    from .benchmark.grid import Cell
     from .inference.predict import predict
+    from .layout import dataset_name
 
     cell = Cell(dataset_name(dataset_id), "2d", "0", trainer)
     cases = json.loads((Path(os.environ["nnUNet_preprocessed"]) / cell.dataset / "splits_final.json").read_text())[0]["val"]

@@ -16,7 +16,7 @@ import fcntl
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -102,3 +102,12 @@ def _acquire(path: Path, timeout_s: float | None, what: str) -> int:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {os.uname().nodename} ({what})\n".encode())
         return fd
+
+
+@contextmanager
+def fold_locks(folders: list[Path]):
+    """:func:`fold_lock` on every folder, taken in sorted order (no deadlock between two runs)."""
+    with ExitStack() as stack:
+        for folder in sorted({Path(f).resolve() for f in folders}):
+            stack.enter_context(fold_lock(folder, what="nnunet-mbls calibrate"))
+        yield

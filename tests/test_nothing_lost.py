@@ -108,7 +108,7 @@ def test_evaluate_output_through_a_symlink_onto_an_input_is_refused(tmp_path):
 @pytest.fixture
 def calibrated_fold(tmp_path, monkeypatch):
     """A hand-made trained fold calibrated by the real step: (fold folder, env for the console script)."""
-    from nnunet_mbls.calibrate import calibrate_output_folder
+    from nnunet_mbls.calibration.folds import calibrate_output_folder
 
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     cases = {f"case_{i}": c for i, c in enumerate(_cases(4, seed=1, shape=(6, 8, 7)))}
@@ -139,7 +139,7 @@ BREAKS = {
 
 @pytest.mark.parametrize("kind", list(BREAKS))
 def test_is_calibrated_reads_the_files_not_their_times(calibrated_fold, kind):
-    from nnunet_mbls.calibrate import calibration_problem
+    from nnunet_mbls.calibration.folds import calibration_problem
 
     fold, _ = calibrated_fold
     assert calibration_problem(fold) is None
@@ -150,7 +150,7 @@ def test_is_calibrated_reads_the_files_not_their_times(calibrated_fold, kind):
 
 @pytest.mark.parametrize("kind", ["calibrated checkpoint truncated", "calibration.json cut in half"])
 def test_calibrate_if_missing_redoes_a_broken_calibration(calibrated_fold, kind):
-    from nnunet_mbls.calibrate import calibration_problem
+    from nnunet_mbls.calibration.folds import calibration_problem
 
     fold, env = calibrated_fold
     args = ("calibrate", "-d", "777", "-c", "3d_fullres", "-f", "0", "-tr", "Tr", "--if-missing", "-device", "cpu")

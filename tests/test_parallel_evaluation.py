@@ -6,6 +6,7 @@ Speed is measured in benchmarks/bench_evaluate_parallel.py, not here.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def test_calibration_step_with_workers_fits_the_serial_temperature(tmp_path, mon
     """Same subsample, same T, same metrics before and after; the subsample is capped (max_voxels < the voxels)."""
     import nnunetv2.paths
 
-    from nnunet_mbls.calibrate import calibrate_output_folder
+    from nnunet_mbls.calibration.folds import calibrate_output_folder
 
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     monkeypatch.setattr(nnunetv2.paths, "nnUNet_preprocessed", str(tmp_path / "preprocessed"))
@@ -102,7 +103,7 @@ def test_calibration_step_with_workers_fits_the_serial_temperature(tmp_path, mon
 
 
 def test_subsample_of_per_case_keys_does_not_depend_on_the_order_of_the_cases():
-    from nnunet_mbls.calibration.temperature import VoxelSubsampler, case_candidates
+    from nnunet_mbls.calibration.subsample import VoxelSubsampler, case_candidates
 
     rng = np.random.default_rng(1)
     cases = {f"case_{i}": _case(rng) for i in range(4)}
@@ -127,7 +128,7 @@ def test_subsample_of_per_case_keys_does_not_depend_on_the_order_of_the_cases():
 
 
 def test_a_bad_case_in_a_worker_is_the_same_clear_error(tmp_path):
-    from nnunet_mbls.evaluation import EvaluationError, evaluate_folder
+    from nnunet_mbls.calibration.evaluation import EvaluationError, evaluate_folder
 
     ref, pred = make_folders(tmp_path, n_cases=3)
     (pred / "case_1.npz").write_bytes(b"not an npz file" * 20)
@@ -138,16 +139,16 @@ def test_a_bad_case_in_a_worker_is_the_same_clear_error(tmp_path):
 def test_number_of_processes(tmp_path, monkeypatch):
     import nnunetv2.configuration
 
-    from nnunet_mbls import evaluation
+    from nnunet_mbls.calibration import evaluation
 
     ref, pred = make_folders(tmp_path, n_cases=3)
     files = sorted(pred.glob("*.npz"))
     assert evaluation.resolve_num_processes(8, files) == 3  # at most one per case
     assert evaluation.resolve_num_processes(1, files) == 1
     assert evaluation.resolve_num_processes(None, files) == 1  # a small folder: workers would cost more than they save
-    monkeypatch.setattr(evaluation, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(evaluation.workers, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(nnunetv2.configuration, "default_num_processes", 2)
-    assert evaluation.resolve_num_processes(None, files) == min(2, len(evaluation.os.sched_getaffinity(0)))
+    assert evaluation.resolve_num_processes(None, files) == min(2, len(os.sched_getaffinity(0)))
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="num_processes"):
             evaluation.resolve_num_processes(bad, files)

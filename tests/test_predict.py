@@ -220,7 +220,7 @@ def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(run, tmp_path, 
 def test_output_inside_input_and_unknown_map_kind_are_refused(run):
     proc = run.p.nn.run("nnunet-mbls", "predict", "-i", str(run.inputs), "-o", str(run.inputs / "out"), "-d", "511",
                         "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "-device", "cpu", check=False)
-    assert proc.returncode == 1 and "is the input folder" in proc.stderr and not (run.inputs / "out").exists()
+    assert proc.returncode == 1 and "in the input folder -i" in proc.stderr and not (run.inputs / "out").exists()
     proc = run.p.nn.run("nnunet-mbls", "predict", "-i", str(run.inputs), "-o", str(run.root / "x"), "-d", "511",
                         "-c", "3d_fullres", "-f", "0", "-tr", TRAINER, "--maps", "variance", check=False)
     assert proc.returncode == 2 and "invalid choice: 'variance'" in proc.stderr and not (run.root / "x").exists()

@@ -327,7 +327,7 @@ def test_evaluate_on_sound_hand_made_folders_works(tmp_path, capsys):
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert result["num_cases"] == 3
     # chill: only the predicted cases are evaluated, references without probabilities are fine
-    from nnunet_mbls.evaluation import evaluate_folder
+    from nnunet_mbls.calibration.evaluation import evaluate_folder
 
     (pred / "case_2.npz").unlink()
     assert set(evaluate_folder(ref, pred, chill=True, progress=False)["per_case"]) == {"case_0", "case_1"}
@@ -365,7 +365,7 @@ def test_evaluate_console_script_fails_cleanly_and_keeps_an_earlier_result(tmp_p
 
 # ------------------------------------------------------------------ calibrate: missing prerequisites, degenerate fits
 def test_calibrate_with_a_checkpoint_but_no_validation_probabilities_says_what_to_run(tmp_path, monkeypatch):
-    from nnunet_mbls.calibrate import CalibrationStepError, calibrate_output_folder
+    from nnunet_mbls.calibration.folds import CalibrationStepError, calibrate_output_folder
 
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     labels = np.zeros(SHAPE, dtype=np.uint8)
@@ -380,7 +380,7 @@ def test_calibrate_with_a_checkpoint_but_no_validation_probabilities_says_what_t
 
 def test_calibrate_refuses_an_incomplete_validation_folder(tmp_path, monkeypatch):
     """An interrupted validation must not be calibrated (and benchmarked) on a silent subset of its cases."""
-    from nnunet_mbls.calibrate import CalibrationStepError, calibrate_output_folder
+    from nnunet_mbls.calibration.folds import CalibrationStepError, calibrate_output_folder
 
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     rng = np.random.default_rng(3)
@@ -395,7 +395,8 @@ def test_calibrate_refuses_an_incomplete_validation_folder(tmp_path, monkeypatch
 
 def test_degenerate_temperature_fit_is_finite_bounded_and_reported(tmp_path, monkeypatch):
     """One class only and every voxel right: T goes to the documented lower bound, finite, and is reported."""
-    from nnunet_mbls.calibrate import T_BOUNDS, calibrate_output_folder
+    from nnunet_mbls.calibration.folds import calibrate_output_folder
+    from nnunet_mbls.defaults import T_BOUNDS
 
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     labels = np.zeros(SHAPE, dtype=np.uint8)  # background only
@@ -594,7 +595,7 @@ def test_atomic_write_permission_denied_and_unserialisable_json_change_nothing(t
 
 
 def test_folding_into_a_checkpoint_on_a_full_disk_keeps_both_checkpoints_intact(tmp_path, monkeypatch):
-    from nnunet_mbls.calibration.temperature import fold_temperature_into_checkpoint
+    from nnunet_mbls.calibration.checkpoint import fold_temperature_into_checkpoint
 
     head = torch.nn.Conv3d(4, 3, 1)
     src, dst = tmp_path / "checkpoint_final.pth", tmp_path / "checkpoint_final_calibrated.pth"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnunet_mbls.calibration.temperature import fold_logit_affine_into_checkpoint
+from nnunet_mbls.calibration.checkpoint import fold_logit_affine_into_checkpoint
 from nnunet_mbls.calibration.vector import choose_vector_or_temperature, fit_vector_scaling, vector_nll
 
 

@@ -19,8 +19,9 @@ import torch
 from ..calibration.metrics import CalibrationAccumulator
 from ..calibration.regions import region_mask
 from ..calibration.temperature import apply_temperature
-from ..evaluation import LabelInfo, load_probabilities, read_reference, reader_for
+from ..calibration.evaluation import LabelInfo, load_probabilities, read_reference, reader_for
 from ..inference.qc import case_scores
+from ..layout import FoldFolder
 from .grid import Cell
 
 #: uncertainty scores of a case (higher = more doubtful), before ("as trained") and after temperature scaling
@@ -36,18 +37,18 @@ def mean_foreground_dice(case_metrics: dict) -> float:
 
 def cell_case_rows(cell: Cell) -> list[dict]:
     """One row per validation case of a calibrated cell; [] when its validation probabilities are gone."""
-    from ..calibrate import gt_folder_for
+    from ..calibration.folds import gt_folder_for
 
-    folder = cell.folder
-    calibration = json.loads((folder / "calibration.json").read_text())
-    evaluation = json.loads((folder / "calibration" / "evaluation_before.json").read_text())
-    validation = folder / "validation"
+    fold = FoldFolder.at(cell.folder)
+    calibration = json.loads(fold.calibration_record.read_text())
+    evaluation = json.loads((fold.calibration_details / "evaluation_before.json").read_text())
+    validation = fold.validation
     if not all((validation / f"{case}.npz").is_file() for case in evaluation["per_case"]):
         return []
-    dataset_json = json.loads((folder.parent / "dataset.json").read_text())
+    dataset_json = json.loads((fold.trainer_folder / "dataset.json").read_text())
     labels = LabelInfo.from_dataset_json(dataset_json)
     foreground = {v: k for v, k in labels.names.items() if v != 0}
-    gt = gt_folder_for(folder)
+    gt = gt_folder_for(fold.path)
     reader = reader_for(dataset_json, next(gt.iterdir()))
     rows = []
     for case, metrics in evaluation["per_case"].items():

@@ -36,95 +36,25 @@ Conventions (stated once here, repeated where they matter):
   10th percentile of the baseline trainer's Dice on the same cases, and it is held fixed inside
   the bootstrap.
 * **Intervals** are percentile bootstraps over cases (:func:`bootstrap_ci`).
+
+The input checks and :func:`as_uncertainty` live in :mod:`.failure_inputs`, the plot
+(:func:`plot_risk_coverage`) in :mod:`.failure_plot`; both are importable from here.
 """
 
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ..io import atomic_write
-from ..plotting import default_style
+from ..defaults import TAU_PERCENTILE
+from .failure_inputs import _as_cases, _as_dice, _as_tau, _same_length, as_uncertainty  # noqa: F401 (re-exported)
+from .failure_plot import plot_risk_coverage  # noqa: F401 (re-exported)
 
-#: percentile of the baseline trainer's Dice that defines a failure (see :func:`default_tau`)
-DEFAULT_TAU_PERCENTILE = 10.0
-
-
-# ----------------------------------------------------------------------------------------------
-# validation
-
-
-def _as_cases(values, name: str, *, allow_empty: bool = False) -> np.ndarray:
-    """``values`` as a 1-D float64 array of finite numbers, or ValueError naming ``name``."""
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"`{name}` must be a 1-D sequence of numbers, one per case; got {type(values).__name__} "
-                         f"that numpy cannot turn into floats ({e})") from e
-    if array.ndim != 1:
-        raise ValueError(f"`{name}` must be 1-D (one value per case); got shape {array.shape}; "
-                         "pass one number per case, e.g. the mean Dice over foreground classes")
-    if array.size == 0 and not allow_empty:
-        raise ValueError(f"`{name}` is empty; pass at least one case")
-    bad = np.flatnonzero(~np.isfinite(array))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"`{name}` contains {array[i]} at case index {i} ({bad.size} non-finite of {array.size}); "
-                         "drop cases without a defined value (e.g. Dice of an empty reference and empty prediction) "
-                         "from every array first")
-    return array
-
-
-def _as_dice(values, name: str = "dice") -> np.ndarray:
-    dice = _as_cases(values, name)
-    outside = np.flatnonzero((dice < 0) | (dice > 1))
-    if outside.size:
-        i = int(outside[0])
-        raise ValueError(f"`{name}` must lie in [0, 1]; case index {i} has {dice[i]}; "
-                         "pass Dice as a fraction (divide percentages by 100)")
-    return dice
-
-
-def _same_length(**arrays: np.ndarray) -> None:
-    (first_name, first), *rest = arrays.items()
-    for name, array in rest:
-        if array.size != first.size:
-            raise ValueError(f"`{name}` has {array.size} values but `{first_name}` has {first.size}; "
-                             "pass one value per case, in the same case order, in every array")
-
-
-def _as_tau(tau) -> float:
-    try:
-        value = float(tau)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"`tau` must be a number (the Dice below which a case counts as failed); got {tau!r}") from e
-    if not math.isfinite(value):
-        raise ValueError(f"`tau` must be finite; got {value}; use default_tau(baseline_dice) or a Dice in [0, 1]")
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# direction of a score
-
-
-def as_uncertainty(score, *, higher_is_doubtful: bool) -> np.ndarray:
-    """The score oriented so that higher = more doubtful, as every function here expects.
-
-    ``score``: shape (n,). ``higher_is_doubtful=True`` returns it unchanged (as float64);
-    ``False`` (a confidence, e.g. the pairwise Dice between fold predictions) returns ``-score``.
-    Negation keeps ties and the order reversed exactly, so AURC/AUROC of ``-confidence`` are those
-    of the confidence read the right way round.
-    """
-    if not isinstance(higher_is_doubtful, (bool, np.bool_)):
-        raise ValueError(f"`higher_is_doubtful` must be True or False; got {higher_is_doubtful!r}; "
-                         "True for an uncertainty (entropy, variance), False for a confidence (fold agreement)")
-    array = _as_cases(score, "score")
-    return array.copy() if higher_is_doubtful else -array
+#: the former name of :data:`nnunet_mbls.defaults.TAU_PERCENTILE` (see :func:`default_tau`)
+DEFAULT_TAU_PERCENTILE = TAU_PERCENTILE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,14 +141,15 @@ def e_aurc(risk, score) -> float:
 
 
 def default_tau(baseline_dice) -> float:
-    """The failure threshold: the 10th percentile of the baseline trainer's per-case Dice.
+    """The failure threshold: the :data:`~nnunet_mbls.defaults.TAU_PERCENTILE`-th (10th) percentile of the
+    baseline trainer's per-case Dice.
 
     ``baseline_dice``: shape (m,), the baseline's Dice on the same cases as the trainers being
     compared. numpy's ``percentile`` with linear interpolation between order statistics
     (``method="linear"``, numpy's default: position ``0.1 * (m - 1)`` in the sorted values).
     """
     dice = _as_dice(baseline_dice, "baseline_dice")
-    return float(np.percentile(dice, DEFAULT_TAU_PERCENTILE, method="linear"))
+    return float(np.percentile(dice, TAU_PERCENTILE, method="linear"))
 
 
 def failure_labels(dice, tau) -> np.ndarray:
@@ -334,7 +265,7 @@ def bootstrap_ci(stat_fn: Callable[..., float], *arrays, n_boot: int = 1000, see
 
 
 # ----------------------------------------------------------------------------------------------
-# summary and plot
+# summary
 
 
 def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.ndarray], tau, *,
@@ -393,39 +324,3 @@ def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.
         "scores": out_scores,
     }
 
-
-def plot_risk_coverage(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | Path,
-                       title: str) -> Path:
-    """Risk-coverage curves of several trainers/scores overlaid in one PNG at ``path`` (atomic write).
-
-    ``curves``: label -> ``(coverage, selective_risk)`` as returned by :func:`risk_coverage`
-    (two arrays of one length per label; lengths may differ between labels). Returns ``path``.
-    """
-    if not isinstance(curves, Mapping) or not curves:
-        raise ValueError(f"`curves` must be a non-empty dict label -> (coverage, risk); got {curves!r:.80}")
-    checked = {}
-    for label, pair in curves.items():
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"`curves[{label!r}]` must be a pair (coverage, risk), e.g. risk_coverage(risk, score)")
-        coverage = _as_cases(pair[0], f"curves[{label!r}][0] (coverage)")
-        selective = _as_cases(pair[1], f"curves[{label!r}][1] (risk)")
-        _same_length(**{f"curves[{label!r}][0] (coverage)": coverage, f"curves[{label!r}][1] (risk)": selective})
-        checked[str(label)] = (coverage, selective)
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    with default_style():
-        fig = Figure(figsize=(6.5, 5))
-        FigureCanvasAgg(fig)
-        ax = fig.subplots()
-        for label, (coverage, selective) in checked.items():
-            ax.plot(coverage, selective, label=label, marker="." if coverage.size <= 50 else None)
-        ax.set(xlabel="coverage (fraction of cases accepted, most confident first)",
-               ylabel="selective risk (mean 1 − Dice of accepted cases)", xlim=(0, 1.02))
-        ax.set_title(textwrap.fill(title, 60), fontsize=11)  # dataset names make long titles
-        ax.set_ylim(bottom=0)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))

@@ -6,6 +6,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..layout import FoldFolder, dataset_id, dataset_name
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -18,21 +20,23 @@ class Cell:
     plans: str = "nnUNetPlans"
 
     @property
-    def folder(self) -> Path:
-        from nnunetv2.utilities.file_path_utilities import get_output_folder
+    def fold_folder(self) -> FoldFolder:
+        return FoldFolder.of(self.dataset, self.configuration, self.fold, self.trainer, self.plans)
 
-        return Path(get_output_folder(self.dataset, self.trainer, self.plans, self.configuration, self.fold))
+    @property
+    def folder(self) -> Path:
+        return self.fold_folder.path
 
     @property
     def dataset_id(self) -> int:
-        return int(self.dataset[len("Dataset") : len("Dataset") + 3])
+        return dataset_id(self.dataset)
 
     def is_trained(self) -> bool:
-        return (self.folder / "checkpoint_final.pth").is_file()
+        return self.fold_folder.checkpoint_final.is_file()
 
     def is_calibrated(self) -> bool:
         """The calibration step finished on today's checkpoint (read from the files, see ``calibration_problem``)."""
-        from ..calibrate import calibration_problem
+        from ..calibration.folds import calibration_problem
 
         return calibration_problem(self.folder) is None
 
@@ -41,18 +45,9 @@ class Cell:
 
     def missing_reason(self) -> str:
         """Why an unfinished cell is not in the table, and the command that finishes it."""
-        from ..calibrate import calibrate_command
-
         if self.is_trained():
-            return f"trained, calibration step missing or failed: {calibrate_command(self.folder)}"
+            return f"trained, calibration step missing or failed: {self.fold_folder.calibrate_command()}"
         return "not trained (benchmark --train, or --emit-jobs)"
-
-
-def dataset_name(dataset: str | int) -> str:
-    """DatasetXXX_Name for an id or a name (nnU-Net's lookup in nnUNet_raw/preprocessed/results)."""
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    return maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
 
 
 def make_grid(datasets, configuration: str, folds, trainers, plans: str = "nnUNetPlans") -> list[Cell]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..layout import FoldFolder
 from .grid import Cell
 
 NNUNET_PATH_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -37,10 +38,10 @@ def job_command(cell: Cell, num_gpus: int = 1, device: str | None = None) -> str
     failed gets only the calibrate command: nothing is trained again.
     """
     exports = [f"{k}={shlex.quote(os.environ[k])}" for k in NNUNET_PATH_VARIABLES if os.environ.get(k)]
-    d, c, f, t, p = cell.dataset_id, cell.configuration, cell.fold, cell.trainer, cell.plans
-    dev = f" -device {device}" if device else ""
-    train = f"nnUNetv2_train {d} {c} {f} -tr {t} -p {p} --npz --c{dev}" + (f" -num_gpus {num_gpus}" if num_gpus > 1 else "")
-    calibrate = f"nnunet-mbls calibrate -d {d} -c {c} -f {f} -tr {t} -p {p} --if-missing{dev}"
+    fold = FoldFolder.of(cell.dataset_id, cell.configuration, cell.fold, cell.trainer, cell.plans)
+    dev = ("-device", device) if device else ()
+    train = fold.train_command("--npz", "--c", *dev, *(("-num_gpus", str(num_gpus)) if num_gpus > 1 else ()))
+    calibrate = " ".join((fold.calibrate_command(), "--if-missing", *dev))
     prefix = f"export {' '.join(exports)}; " if exports else ""
     return f'{prefix}eval "$(nnunet-mbls env)"; ' + (calibrate if cell.is_trained() else f"{train} && {calibrate}")
 

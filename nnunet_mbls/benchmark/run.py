@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Callable
 
 from .grid import Cell, make_grid
-from .report import build_results, write_results
+from .report import write_results
+from .results import build_results
 
 
 def dataset_description(dataset: str) -> str:
@@ -29,7 +30,7 @@ def dataset_description(dataset: str) -> str:
 def prepare_cell(cell: Cell, train: bool, device: str, epochs: int | None, iterations: int | None,
                  logs: Path, log: Callable[[str], None]) -> None:
     """Train (if asked and unfinished) and calibrate (if missing) one cell."""
-    from ..calibrate import calibrate_trained_model
+    from ..calibration.folds import calibrate_trained_model
     from .training import train_cell
 
     if cell.is_calibrated():

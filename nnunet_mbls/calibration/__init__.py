@@ -1,17 +1,20 @@
-"""Calibration: streaming metrics, evaluation regions, temperature scaling, reliability diagrams.
+"""Calibration: streaming metrics, evaluation regions, temperature and vector scaling, the voxel subsample they
+are fitted on, folding a map into a checkpoint, reliability diagrams, and applying T to saved probability files.
 
-Pure torch/numpy/scipy; nothing here imports nnU-Net.
+Three layers, each importing only those below it:
+
+- this level: pure torch/numpy/scipy maths on arrays (nothing imports nnU-Net);
+- :mod:`nnunet_mbls.calibration.evaluation`: the metrics of folders of nnU-Net probability files (``evaluate``);
+- :mod:`nnunet_mbls.calibration.folds`: the work on trained folds (the calibration step, ensembles, vector
+  scaling runs, whether a fold is calibrated), as nnU-Net's ``run/`` beside ``training/``.
 """
 
 from nnunet_mbls.calibration.metrics import METRIC_KEYS, CalibrationAccumulator, aggregate, bin_index
 from nnunet_mbls.calibration.regions import REGIONS, region_mask
 from nnunet_mbls.calibration.reliability import plot_reliability
-from nnunet_mbls.calibration.temperature import (
-    VoxelSubsampler,
-    apply_temperature,
-    fit_temperature,
-    fold_temperature_into_checkpoint,
-)
+from nnunet_mbls.calibration.checkpoint import fold_temperature_into_checkpoint
+from nnunet_mbls.calibration.subsample import VoxelSubsampler
+from nnunet_mbls.calibration.temperature import apply_temperature, fit_temperature
 
 __all__ = [
     "METRIC_KEYS",

@@ -10,8 +10,7 @@ from scipy import ndimage
 from torch import Tensor
 
 from nnunet_mbls.calibration._inputs import check_positive_int
-
-REGIONS = ("fg", "all", "boundary")
+from nnunet_mbls.defaults import REGIONS
 
 
 def region_mask(

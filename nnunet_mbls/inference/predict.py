@@ -23,12 +23,11 @@ from tqdm import tqdm
 from ..calibration.files import read_calibration_temperature
 from ..errors import InputError
 from ..io import atomic_write, atomic_write_json, refuse_outputs_over_inputs, staged_output
+from ..layout import CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL, FoldFolder
 from .maps import MapWriter, check_map_request, write_case_maps
 from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, default_flag_rule, write_qc_table
 from .uncertainty import FoldStatistics, entropy
 
-CALIBRATED_CHECKPOINT = "checkpoint_final_calibrated.pth"
-DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 
 
 class PredictionInputError(InputError):
@@ -55,47 +54,46 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
     are divided by the fold's temperature instead (same probabilities up to nnU-Net's fp16 accumulation).
     """
     folds = [str(f) for f in folds]
-    if calibrated and checkpoint not in (None, DEFAULT_CHECKPOINT, CALIBRATED_CHECKPOINT):
+    if calibrated and checkpoint not in (None, CHECKPOINT_FINAL, CALIBRATED_CHECKPOINT):
         raise PredictionInputError(f"-chk {checkpoint} and --calibrated both choose the checkpoint; pass only one")
-    name = checkpoint or DEFAULT_CHECKPOINT
-    for fold in folds:
-        folder = model_folder / f"fold_{fold}"
-        needed = [CALIBRATED_CHECKPOINT, DEFAULT_CHECKPOINT] if calibrated else [name]
-        if not any((folder / n).is_file() for n in needed):
+    name = checkpoint or CHECKPOINT_FINAL
+    fold_folders = {fold: FoldFolder.in_trainer_folder(model_folder, fold) for fold in folds}
+    for fold, folder in fold_folders.items():
+        needed = [CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL] if calibrated else [name]
+        if not any((folder.path / n).is_file() for n in needed):
             raise PredictionInputError(
-                f"fold {fold}: {folder / needed[-1]} does not exist; train it (nnUNetv2_train {dataset} "
+                f"fold {fold}: {folder.path / needed[-1]} does not exist; train it (nnUNetv2_train {dataset} "
                 f"{configuration} {fold} -tr {trainer} -p {plans}), drop it from -f, or pass an existing -chk")
     if not calibrated:
         check_checkpoints_load(model_folder, folds, name, "restore or retrain it, or pass another -chk")
         return FoldModels(model_folder, folds, name, [1.0] * len(folds))
-    redo = f"redo it with nnunet-mbls calibrate -d {dataset} -c {configuration} -f {{fold}} -tr {trainer} -p {plans}"
-    if all((model_folder / f"fold_{f}" / CALIBRATED_CHECKPOINT).is_file() for f in folds):
-        from ..calibrate import calibration_problem
+    if all(folder.calibrated_checkpoint.is_file() for folder in fold_folders.values()):
+        from ..calibration.folds import calibration_problem
 
-        for fold in folds:
-            problem = calibration_problem(model_folder / f"fold_{fold}")
+        for fold, folder in fold_folders.items():
+            problem = calibration_problem(folder.path)
             if problem is not None:
-                raise PredictionInputError(f"fold {fold}: the calibration is not usable ({problem}); "
-                                           f"{redo.format(fold=fold)}, or predict without --calibrated")
+                raise PredictionInputError(f"fold {fold}: the calibration is not usable ({problem}); redo it with "
+                                           f"{folder.calibrate_command()}, or predict without --calibrated")
         return FoldModels(model_folder, folds, CALIBRATED_CHECKPOINT, [1.0] * len(folds), "calibrated checkpoints")
     temperatures = []
-    for fold in folds:
-        calibration = model_folder / f"fold_{fold}" / "calibration.json"
-        if not calibration.is_file() or not (model_folder / f"fold_{fold}" / DEFAULT_CHECKPOINT).is_file():
+    for fold, folder in fold_folders.items():
+        calibration = folder.calibration_record
+        if not calibration.is_file() or not folder.checkpoint_final.is_file():
             raise PredictionInputError(
-                f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): "
-                f"{redo.format(fold=fold)} first, or predict without --calibrated")
+                f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): run "
+                f"{folder.calibrate_command()} first, or predict without --calibrated")
         # the T its calibrated checkpoint would hold (an ensemble T, or its own)
         temperatures.append(read_calibration_temperature(calibration, "checkpoint_temperature", "temperature",
                                                          f"fold {fold}'s calibration record"))
-    check_checkpoints_load(model_folder, folds, DEFAULT_CHECKPOINT, "restore or retrain it")
-    return FoldModels(model_folder, folds, DEFAULT_CHECKPOINT, temperatures, "temperatures of calibration.json")
+    check_checkpoints_load(model_folder, folds, CHECKPOINT_FINAL, "restore or retrain it")
+    return FoldModels(model_folder, folds, CHECKPOINT_FINAL, temperatures, "temperatures of calibration.json")
 
 
 def check_checkpoints_load(model_folder: Path, folds: Sequence[str], name: str, fix: str) -> None:
     """PredictionInputError naming the file unless every fold's checkpoint ``name`` loads as an nnU-Net checkpoint."""
     for fold in folds:
-        path = model_folder / f"fold_{fold}" / name
+        path = FoldFolder.in_trainer_folder(model_folder, fold).path / name
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
             if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("network_weights"), dict):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,8 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
+from ..defaults import MAX_VOXELS
+from ..layout import FoldFolder
 from ..locks import fold_lock
 from ..losses import LOSSES, build_loss
 from ..losses.registry import USES_NNUNET_DICE
@@ -42,10 +43,10 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
 
     loss_name: str = "mbls"
     loss_kwargs: dict[str, Any] = {}
-    #: voxel subsample of the calibration step's temperature fit (see ``nnunet_mbls.calibrate``)
-    calibration_max_voxels: int = 1_000_000
+    #: voxel subsample of the calibration step's temperature fit (see ``nnunet_mbls.calibration.folds.step``)
+    calibration_max_voxels: int = MAX_VOXELS
     #: worker processes of the calibration step ('spawn', like nnU-Net's validation export pool just before it in
-    #: this process); None: nnU-Net's default_num_processes (see ``nnunet_mbls.evaluation.evaluate_folder``)
+    #: this process); None: nnU-Net's default_num_processes (see ``nnunet_mbls.calibration.evaluation.evaluate_folder``)
     calibration_num_processes: int | None = None
 
     def __init__(
@@ -150,7 +151,7 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
 
     def delete_validation_probabilities(self) -> None:
         """Remove the ``.npz``/``.pkl`` files nnU-Net's export wrote into ``validation/`` for the calibration step."""
-        validation = Path(self.output_folder) / "validation"
+        validation = FoldFolder.at(self.output_folder).validation
         files = sorted(validation.glob("*.npz")) + sorted(validation.glob("*.pkl"))
         freed = sum(f.stat().st_size for f in files)
         for f in files:
@@ -166,7 +167,7 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         no training: it is written to the training log and stderr with the command that redoes the step, and
         raised again (``nnUNetv2_train`` exits with status 1, so a scheduler sees it).
         """
-        from ..calibrate import CalibrationStepError, calibrate_command, calibrate_output_folder
+        from ..calibration.folds import CalibrationStepError, calibrate_output_folder
 
         _, val_keys = self.do_split()
         try:
@@ -177,7 +178,7 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
             message = (
                 f"nnunet-mbls: the calibration step failed ({type(error).__name__}: {error}). Training and nnU-Net's "
                 f"validation are complete and kept (checkpoint_final.pth, validation/). Redo only the calibration step "
-                f"with:\n    {calibrate_command(Path(self.output_folder))}"
+                f"with:\n    {FoldFolder.at(self.output_folder).calibrate_command()}"
             )
             self.print_to_log_file(message)
             print(message, file=sys.stderr, flush=True)

@@ -23,15 +23,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
-from .calibrate import (CALIBRATED_CHECKPOINT, DEFAULT_MAX_VOXELS, ENSEMBLE_FILE, calibrate_ensemble,
-                        calibrate_output_folder, check_validation_complete, fold_locks, gt_folder_for, metric_summary,
-                        plans_of, source_of, validation_cases_of_fold)
-from .calibration.reliability import plot_reliability
-from .calibration.temperature import fold_logit_affine_into_checkpoint
-from .calibration.vector import apply_vector_scaling, choose_vector_or_temperature, fit_vector_scaling
-from .evaluation import evaluate_folder
-from .io import atomic_write_json, partial_folder
+from ... import __version__
+from ...defaults import MAX_VOXELS, METRIC_REGION, SEED
+from ..evaluation import evaluate_folder
+from ...io import atomic_write_json, partial_folder
+from ...layout import CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL, ENSEMBLE_DETAILS, ENSEMBLE_RECORD, FoldFolder, fold_name
+from ...locks import fold_locks
+from ..checkpoint import fold_logit_affine_into_checkpoint
+from ..reliability import plot_reliability
+from ..vector import apply_vector_scaling, choose_vector_or_temperature, fit_vector_scaling
+from .ensemble import calibrate_ensemble
+from .records import metric_summary
+from .step import (calibrate_output_folder, check_validation_complete, gt_folder_for, plans_of, source_of,
+                   validation_cases_of_fold)
 
 
 def validation_logits(folder: Path, device: str, progress: bool = True):
@@ -42,16 +46,16 @@ def validation_logits(folder: Path, device: str, progress: bool = True):
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
-    fold = folder.name[len("fold_"):]
+    fold = fold_name(folder)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                                 perform_everything_on_device=True, device=torch.device(device), verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(folder.parent), [fold if fold == "all" else int(fold)],
-                                                   "checkpoint_final.pth")
+                                                   CHECKPOINT_FINAL)
     if predictor.configuration_manager.previous_stage_name is not None:
         raise ValueError("vector scaling supports single-stage configurations, not cascade stages; use --method temperature")
     data_folder = Path(nnUNet_preprocessed) / folder.parent.parent.name / predictor.configuration_manager.data_identifier
-    cases = validation_cases_of_fold(folder) or sorted(p.name[:-4] for p in (folder / "validation").glob("*.npz"))
+    cases = validation_cases_of_fold(folder) or sorted(p.name[:-4] for p in FoldFolder.at(folder).validation.glob("*.npz"))
     dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
     ignore = predictor.label_manager.ignore_label
     for case in tqdm(dataset.identifiers, desc=f"logits of {folder.name}", disable=not progress):
@@ -74,7 +78,7 @@ def sample_rows(logits: torch.Tensor, target: torch.Tensor, limit: int, seed: in
     return flat[:, index].T.float(), labels[index]
 
 
-def calibrate_vector(folders: list[Path], max_voxels: int = DEFAULT_MAX_VOXELS, seed: int = 0, region: str = "fg",
+def calibrate_vector(folders: list[Path], max_voxels: int = MAX_VOXELS, seed: int = SEED, region: str = METRIC_REGION,
                      fit_region: str | None = None, device: str = "cpu", log: Callable[..., None] = print,
                      progress: bool = True, fallback: bool = True, write: bool = True) -> dict:
     """Vector scaling for one fold or, with several, for their ensemble (one map folded into every fold).
@@ -127,14 +131,14 @@ def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: s
                                           save_probabilities=True)
         dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
         gt, plans = gt_folder_for(folders[0]), plans_of(trainer_folder)
-        before = evaluate_folder(gt, [f / "validation" for f in folders], dataset_json, region=region, chill=True,
+        before = evaluate_folder(gt, [FoldFolder.at(f).validation for f in folders], dataset_json, region=region, chill=True,
                                  plans=plans, progress=progress)
         after = evaluate_folder(gt, after_folder, dataset_json, region=region, chill=True, plans=plans, progress=progress)
     vector = {"scale": scale.tolist(), "bias": bias.tolist(),
               "map": "logits -> scale * logits + bias per class, folded into decoder.seg_layers[-1]"}
     if not write:
         return {"method": method, "vector_scaling": vector, "before": before, "after": after}
-    details = folders[0] / "calibration" if len(folders) == 1 else trainer_folder / "calibration_ensemble"
+    details = FoldFolder.at(folders[0]).calibration_details if len(folders) == 1 else trainer_folder / ENSEMBLE_DETAILS
     atomic_write_json(details / "evaluation_before.json", before)
     atomic_write_json(details / "evaluation_after.json", after)
     plot_reliability({f"before (ECE {before['mean']['ece']:.4f})": before["reliability"],
@@ -143,21 +147,22 @@ def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: s
     record = {"method": method, "vector_scaling": vector, "metric_region": region, "num_cases": before["num_cases"],
               "before": metric_summary(before), "after": metric_summary(after), "nnunet_mbls_version": __version__}
     for folder in folders:
-        fold_logit_affine_into_checkpoint(folder / "checkpoint_final.pth", folder / CALIBRATED_CHECKPOINT, scale, bias,
+        fold = FoldFolder.at(folder)
+        fold_logit_affine_into_checkpoint(fold.checkpoint_final, fold.calibrated_checkpoint, scale, bias,
                                           overwrite=True)
-        own_file = folder / "calibration.json"
+        own_file = fold.calibration_record
         if len(folders) == 1:
             own = dict(record)
         else:  # the fold's own record (its own temperature, if it had a calibration step) stays
             own = json.loads(own_file.read_text()) if own_file.is_file() else {}
         own.update(calibrated_checkpoint=CALIBRATED_CHECKPOINT, checkpoint_temperature=None,
-                   source_checkpoint=source_of(folder / CALIBRATED_CHECKPOINT),
-                   checkpoint_calibration="vector scaling" + (f" shared by folds {[f.name for f in folders]} (../{ENSEMBLE_FILE})"
+                   source_checkpoint=source_of(fold.calibrated_checkpoint),
+                   checkpoint_calibration="vector scaling" + (f" shared by folds {[f.name for f in folders]} (../{ENSEMBLE_RECORD})"
                                                               if len(folders) > 1 else " of this fold"),
                    vector_scaling=vector)
         atomic_write_json(own_file, own)
     if len(folders) > 1:
-        atomic_write_json(trainer_folder / ENSEMBLE_FILE, {**record, "folds": [f.name[len("fold_"):] for f in folders]})
+        atomic_write_json(trainer_folder / ENSEMBLE_RECORD, {**record, "folds": [fold_name(f) for f in folders]})
     log(f"nnunet-mbls calibration: vector scaling; {region} ECE {before['mean']['ece']:.4f} -> {after['mean']['ece']:.4f}, "
         f"NLL {before['mean']['nll']:.4f} -> {after['mean']['nll']:.4f}")
     return record
@@ -168,10 +173,10 @@ def fall_back_to_temperature(folders: list[Path], method: dict, max_voxels: int,
     """The ordinary temperature calibration, with the vector-vs-temperature comparison recorded."""
     if len(folders) == 1:
         summary = calibrate_output_folder(folders[0], max_voxels, seed, region, log, progress, fit_region=fit_region)
-        record_file = folders[0] / "calibration.json"
+        record_file = FoldFolder.at(folders[0]).calibration_record
     else:
         summary = calibrate_ensemble(folders, max_voxels, seed, region, fit_region, log, progress)
-        record_file = folders[0].resolve().parent / ENSEMBLE_FILE
+        record_file = FoldFolder.at(folders[0]).ensemble_record
     summary["method"] = method
     atomic_write_json(record_file, summary)
     return summary

@@ -1,0 +1,198 @@
+"""The calibration step of one trained fold (what our trainers run after nnU-Net's validation): metrics before
+and after temperature scaling, the fitted temperature, and ``checkpoint_final_calibrated.pth`` with T folded into
+the head.
+
+Outputs in the fold folder (never inside ``validation/``, whose files nnU-Net's evaluation and ensembling glob):
+
+- ``calibration.json``: T, the fit's voxel subsample, mean/pooled metrics before and after, which map the
+  calibrated checkpoint holds (``checkpoint_temperature``, ``checkpoint_calibration``) and the checkpoint it
+  derives from (``source_checkpoint``: name and SHA-256);
+- ``calibration/``: full per-case evaluations (``evaluation_before.json``, ``evaluation_after.json``)
+  and ``reliability.png`` (before vs after);
+- ``checkpoint_final_calibrated.pth``: a copy of ``checkpoint_final.pth`` whose segmentation head
+  outputs logits / T. ``checkpoint_final.pth`` is never modified.
+
+The temperature is fitted on a bounded, seeded, uniform subsample (``max_voxels``, default 10^6) of the
+voxels of ``fit_region`` (inside nnU-Net's crop box, or the foreground) of every case (ignore label
+excluded), so the fit costs the same on a 2D toy fold and on a 3D CT fold.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ... import __version__
+from ...defaults import FIT_REGION, FIT_REGIONS, MAX_VOXELS, METRIC_REGION, SEED, T_BOUNDS
+from ...errors import NnunetMblsError
+from ..evaluation import case_workers, evaluate_folder
+from ...io import atomic_write_json
+from ...layout import CALIBRATED_CHECKPOINT, FoldFolder, fold_name
+from ...locks import fold_lock
+from ..checkpoint import fold_temperature_into_checkpoint
+from ..subsample import VoxelSubsampler, case_candidates
+from ..temperature import fit_temperature
+from .records import TemperatureFit, fit_record, log_fit, write_fit_details
+
+
+class CalibrationStepError(NnunetMblsError, RuntimeError):
+    """The calibration step cannot run; the message says what to run first."""
+
+
+def plans_of(trainer_folder: Path) -> Path | None:
+    """The plans.json nnU-Net writes into a trainer folder (None when absent: the crop box's axis order is then
+    inferred from the shapes, see :func:`nnunet_mbls.geometry.crop_box`)."""
+    plans = Path(trainer_folder) / "plans.json"
+    return plans if plans.is_file() else None
+
+
+def gt_folder_for(output_folder: Path) -> Path:
+    """nnUNet_preprocessed/<dataset>/gt_segmentations for a fold folder <results>/<dataset>/<trainer>/fold_k."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    if not nnUNet_preprocessed:
+        raise CalibrationStepError("nnUNet_preprocessed is not set; export it as for nnUNetv2_train")
+    gt = Path(nnUNet_preprocessed) / output_folder.resolve().parent.parent.name / "gt_segmentations"
+    if not gt.is_dir():
+        raise CalibrationStepError(f"reference segmentations {gt} are missing; run nnUNetv2_plan_and_preprocess first")
+    return gt
+
+
+def validation_cases_of_fold(folder: Path) -> list[str] | None:
+    """The fold's validation cases from nnUNet_preprocessed/<dataset>/splits_final.json (None if unknown)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    fold = fold_name(folder)
+    if fold == "all":
+        return None  # validated on every training case: whatever gt_segmentations holds
+    splits_file = Path(nnUNet_preprocessed) / folder.resolve().parent.parent.name / "splits_final.json"
+    if not fold.isdigit() or not splits_file.is_file():
+        return None
+    splits = json.loads(splits_file.read_text())
+    # nnU-Net draws a random split (not saved) for a fold beyond the file's folds
+    return sorted(splits[int(fold)]["val"]) if int(fold) < len(splits) else None
+
+
+@case_workers()  # the two passes share their worker processes
+def fit_temperature_on(gt: Path, prediction_folders: list[Path], dataset_json: dict, plans: Path | dict | None,
+                       region: str, fit_region: str, max_voxels: int, seed: int, progress: bool,
+                       chill: bool = True, num_processes: int | None = None) -> TemperatureFit:
+    """Fit T on a seeded uniform subsample of the ``fit_region`` voxels of every case of the folders, then
+    evaluate every case before and after (``region`` voxels). One pass for the metrics and the subsample.
+
+    The subsample: every voxel gets a uniform key from a generator seeded by (``seed``, its case's name) and the
+    ``max_voxels`` smallest keys of all cases are kept (:func:`~nnunet_mbls.calibration.subsample.case_candidates`),
+    so it is the same whatever ``num_processes`` (see :func:`~nnunet_mbls.calibration.evaluation.evaluate_folder`) and the
+    order of the cases."""
+    if fit_region not in FIT_REGIONS:
+        raise ValueError(f"fit_region={fit_region!r} is invalid: choose one of {', '.join(FIT_REGIONS)}")
+    subsample = VoxelSubsampler(max_voxels=max_voxels, seed=seed)
+    before = evaluate_folder(
+        gt, prediction_folders, dataset_json, region=region, progress=progress, chill=chill, plans=plans,
+        fit_region=fit_region, case_reduce=functools.partial(case_candidates, max_voxels=max_voxels, seed=seed),
+        on_case=lambda case, candidates: subsample.add_candidates(candidates), num_processes=num_processes,
+    )
+    log_probs, target = subsample.arrays()
+    temperature = fit_temperature(log_probs, target, t_bounds=T_BOUNDS)
+    after = evaluate_folder(gt, prediction_folders, dataset_json, region=region, temperature=temperature,
+                            progress=progress, chill=chill, plans=plans, num_processes=num_processes)
+    return TemperatureFit(temperature, int(target.numel()), before, after)
+
+
+def check_validation_complete(folder: Path, expected_cases: list[str] | None = None) -> None:
+    """CalibrationStepError naming the command unless ``validation/`` holds every validation case's ``.npz``."""
+    fold = FoldFolder.at(folder)
+    validation = fold.validation
+    if not validation.is_dir() or not any(validation.glob("*.npz")):
+        raise CalibrationStepError(
+            f"{validation} has no .npz probabilities; run {fold.train_command('--val --npz')} first "
+            f"(or nnunet-mbls calibrate, which does it for you)"
+        )
+    expected = sorted(expected_cases) if expected_cases is not None else validation_cases_of_fold(folder)
+    if expected is not None:
+        absent = [case for case in expected if not (validation / f"{case}.npz").is_file()]
+        if absent:
+            raise CalibrationStepError(
+                f"{validation} lacks the probabilities of validation cases {absent[:10]}"
+                f"{' ...' if len(absent) > 10 else ''} ({len(absent)} of {len(expected)}; interrupted validation?); "
+                f"run {fold.train_command('--val --npz')} first"
+            )
+
+
+def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None]) -> dict:
+    """Fold ``temperature`` into ``folder``'s checkpoint_final_calibrated.pth.
+
+    Returns what calibration.json records about it: ``calibrated_checkpoint`` (the file name, None without
+    checkpoint_final.pth), ``checkpoint_temperature`` and ``source_checkpoint`` (name and SHA-256 of the
+    checkpoint the calibrated one derives from, also stored inside it; see
+    :func:`~nnunet_mbls.calibration.folds.state.calibration_problem`).
+    """
+    checkpoint = FoldFolder.at(folder).checkpoint_final
+    if not checkpoint.is_file():
+        log(f"nnunet-mbls: {checkpoint} not found (checkpointing disabled?); no calibrated checkpoint written")
+        return {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None}
+    fold_temperature_into_checkpoint(checkpoint, folder / CALIBRATED_CHECKPOINT, temperature, overwrite=True)
+    return {"calibrated_checkpoint": CALIBRATED_CHECKPOINT, "checkpoint_temperature": temperature,
+            "source_checkpoint": source_of(folder / CALIBRATED_CHECKPOINT)}
+
+
+def source_of(calibrated_checkpoint: Path) -> dict:
+    """The ``mbls_source`` (file name and SHA-256 of the trained checkpoint) stored in a calibrated checkpoint."""
+    return torch.load(calibrated_checkpoint, map_location="cpu", weights_only=False, mmap=True)["mbls_source"]
+
+
+def calibrate_output_folder(
+    output_folder: str | os.PathLike,
+    max_voxels: int = MAX_VOXELS,
+    seed: int = SEED,
+    region: str = METRIC_REGION,
+    log: Callable[..., None] = print,
+    progress: bool = True,
+    expected_cases: list[str] | None = None,
+    fit_region: str | None = None,
+    write_checkpoint: bool = True,
+    num_processes: int | None = None,
+) -> dict:
+    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files.
+
+    ``expected_cases``: the fold's validation cases (the trainer passes its own split); by default they are read
+    from ``splits_final.json``. A missing ``.npz`` among them is an error, never a silently smaller fit.
+    ``write_checkpoint``: fold this fold's T into ``checkpoint_final_calibrated.pth`` (False when an ensemble
+    temperature goes there instead, see :func:`~nnunet_mbls.calibration.folds.ensemble.calibrate_ensemble`).
+    ``num_processes``: worker processes over the cases (see :func:`~nnunet_mbls.calibration.evaluation.evaluate_folder`; None:
+    nnU-Net's default_num_processes); the result is the same for any value. Our trainers call this on rank 0 of
+    nnU-Net's training process with the default: 'spawn' workers start clean there (no CUDA state, no DDP group),
+    as nnU-Net's own validation export pool just did in that process.
+    """
+    folder = Path(output_folder)
+    with fold_lock(folder, what="the calibration step"):
+        return _calibrate_locked_fold(folder, max_voxels, seed, region, log, progress, expected_cases,
+                                      fit_region or FIT_REGION, write_checkpoint, num_processes)
+
+
+def _calibrate_locked_fold(folder: Path, max_voxels: int, seed: int, region: str, log: Callable[..., None],
+                           progress: bool, expected_cases: list[str] | None, fit_region: str, write_checkpoint: bool,
+                           num_processes: int | None) -> dict:
+    fold = FoldFolder.at(folder)
+    check_validation_complete(folder, expected_cases)
+    dataset_json = json.loads((fold.trainer_folder / "dataset.json").read_text())
+    # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
+    fit = fit_temperature_on(gt_folder_for(folder), [fold.validation], dataset_json, plans_of(fold.trainer_folder),
+                             region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
+    write_fit_details(fold.calibration_details, fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
+    calibrated = (write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else
+                  {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None})
+    summary = {
+        **fit_record(fit, region, fit_region, max_voxels, seed, "every validation case of this fold"),
+        **calibrated,
+        "checkpoint_calibration": "this fold's temperature" if calibrated["calibrated_checkpoint"] else None,
+        "nnunet_mbls_version": __version__,
+    }
+    atomic_write_json(fold.calibration_record, summary)
+    log_fit(log, folder.name, fit, region)
+    return summary
