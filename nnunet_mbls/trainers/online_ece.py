@@ -1,7 +1,7 @@
 """Online calibration monitoring: foreground ECE of nnU-Net's validation batches, once per epoch.
 
-The per-batch state is the flat vector of a :class:`CalibrationAccumulator`'s sums, so batches
-(and DDP ranks) are combined by adding vectors. The value is logged in nnU-Net's logger under
+The per-batch state is a flat vector of per-bin sums (:class:`OnlineECE`), so batches (and DDP ranks)
+are combined by adding vectors. The value is logged in nnU-Net's logger under
 ``val_fg_ece`` (so it is saved in checkpoints and forwarded to W&B when enabled) and drawn with
 the pseudo Dice in ``progress_calibration.png`` next to nnU-Net's ``progress.png``.
 """
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..calibration.metrics import CalibrationAccumulator
+from ..calibration.metrics import bin_index
+from ..defaults import N_BINS
 from ..io import atomic_write
 from ..plotting import default_style
 
@@ -47,39 +48,46 @@ def sum_over_ranks(state: np.ndarray) -> np.ndarray:
 
 
 class OnlineECE:
-    """Foreground (ground truth ≠ 0, not ignored) top-label ECE of validation batches."""
+    """Foreground (ground truth ≠ 0, not ignored) top-label ECE of validation batches.
 
-    def __init__(self, num_classes: int, n_bins: int = 15) -> None:
+    The state of a batch is what the ECE needs and no more: per equal-width confidence bin (the bins of
+    :func:`~nnunet_mbls.calibration.metrics.bin_index`), the voxel count, the sum of confidences and the number
+    of correct voxels, ``3 * n_bins`` float64 sums that add over batches and DDP ranks. (The full
+    :class:`~nnunet_mbls.calibration.metrics.CalibrationAccumulator` state, with NLL, Brier, classwise and
+    adaptive-ECE histograms, doubled nnU-Net's validation step on an H200: docs/BENCHMARKS.md, section 3.6.)
+    """
+
+    def __init__(self, num_classes: int, n_bins: int = N_BINS) -> None:
         self.num_classes, self.n_bins = num_classes, n_bins
-
-    def _accumulator(self) -> CalibrationAccumulator:
-        return CalibrationAccumulator(self.num_classes, self.n_bins)
 
     @torch.no_grad()
     def batch_state(self, logits: Tensor, target: Tensor, ignore_label: int | None = None) -> np.ndarray:
-        """Sums of one batch: logits (B, C, *spatial), target (B, 1, *spatial) -> flat float64 vector.
+        """Sums of one batch as a flat float64 vector of length ``3 * n_bins`` (count, confidence, correct per bin).
 
-        The batch is one accumulator update over (C, B, *spatial): the states are sums over voxels, so
-        this equals adding the items one by one, at a fraction of the per-call overhead.
+        Args:
+            logits: (B, C, *spatial) network output of the highest resolution.
+            target: (B, 1, *spatial) integer labels (nnU-Net's layout).
+            ignore_label: label excluded like the background, or None.
+
+        Returns:
+            The state; :meth:`ece_from_state` turns a sum of such states into the ECE.
         """
-        accumulator = self._accumulator()
-        probs = torch.softmax(logits.float(), dim=1).movedim(1, 0)  # (C, B, *spatial)
         labels = target[:, 0].long()
         foreground = labels != 0
         if ignore_label is not None:
             foreground &= labels != ignore_label
-        accumulator.update(probs, torch.where(foreground, labels, 0), mask=foreground)
-        return np.concatenate([t.detach().cpu().double().numpy().ravel() for t in accumulator.state_tensors()])
+        confidence, predicted = torch.softmax(logits.float(), dim=1).max(dim=1)
+        confidence, correct = confidence[foreground], (predicted == labels)[foreground]
+        bins = bin_index(confidence, self.n_bins)
+        sums = [torch.bincount(bins, weights=w, minlength=self.n_bins)
+                for w in (torch.ones_like(confidence, dtype=torch.float64), confidence.double(), correct.double())]
+        return torch.cat(sums).cpu().numpy()
 
     def ece_from_state(self, state: np.ndarray) -> float:
         """ECE of summed batch states (NaN when no foreground voxel was seen)."""
-        accumulator = self._accumulator()
-        tensors, offset = [], 0
-        for template in accumulator.state_tensors():
-            tensors.append(torch.from_numpy(state[offset : offset + template.numel()]).reshape(template.shape).to(template))
-            offset += template.numel()
-        accumulator.load_state_tensors(tensors)
-        return float(accumulator.compute()["ece"])
+        count, confidence, correct = np.asarray(state, dtype=np.float64).reshape(3, self.n_bins)
+        n = count.sum()
+        return float(np.abs(correct - confidence).sum() / n) if n > 0 else float("nan")
 
     @staticmethod
     def plot(logger, output_folder: str) -> None:
