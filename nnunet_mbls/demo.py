@@ -38,6 +38,12 @@ def set_nnunet_environment(out: Path, device: str) -> None:
     """nnU-Net's folders under ``out`` unless already set; small-machine settings on the CPU.
 
     Must run before nnU-Net is imported: it reads nnUNet_def_n_proc at import time.
+
+    Args:
+        out: the demo folder; ``nnUNet_raw``, ``nnUNet_preprocessed`` and ``nnUNet_results`` default to
+            folders of those names in it.
+        device: ``"cpu"`` also sets (unless set) ``nnUNet_def_n_proc=1``, ``nnUNet_n_proc_DA=0`` and
+            ``nnUNet_compile=f``; other devices change nothing else.
     """
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ.setdefault(variable, str(out / variable))
@@ -48,7 +54,17 @@ def set_nnunet_environment(out: Path, device: str) -> None:
 
 
 def plan_and_preprocess(dataset_id: int, log_file: Path) -> None:
-    """nnU-Net's own planning and preprocessing (2d configuration), once."""
+    """nnU-Net's own planning and preprocessing (2d configuration), once.
+
+    Skipped when ``nnUNetPlans_2d`` of the dataset already exists in ``$nnUNet_preprocessed``.
+
+    Args:
+        dataset_id: the dataset to plan.
+        log_file: ``nnUNetv2_plan_and_preprocess``'s output is appended here.
+
+    Raises:
+        RuntimeError: ``nnUNetv2_plan_and_preprocess`` failed (the message names ``log_file``).
+    """
     from .layout import dataset_name
 
     preprocessed = Path(os.environ["nnUNet_preprocessed"])
@@ -66,7 +82,28 @@ def plan_and_preprocess(dataset_id: int, log_file: Path) -> None:
 def run_demo(out: str | os.PathLike = "nnunet_mbls_demo", quick: bool = False, trainers=DEFAULT_TRAINERS,
              device: str | None = None, epochs: int | None = None, iterations: int | None = None,
              seed: int = 0) -> Path:
-    """Run the demo; returns the results.md path."""
+    """Run the demo: dataset, planning, training and calibration of fold 0, the table, then predicted maps and QC.
+
+    Steps already done (dataset generated, plans made, folds trained or calibrated) are skipped.
+
+    Args:
+        out: the demo folder (default ``nnunet_mbls_demo``); nnU-Net's path variables, when set, win.
+        quick: the :data:`QUICK` profile (seconds, for tests) instead of :data:`FULL`.
+        trainers: the trainers to compare (default stock ``nnUNetTrainer`` and ``nnUNetTrainerMbLS``); the
+            table's baseline is ``nnUNetTrainer``.
+        device: ``"cuda"``, ``"cpu"`` ...; None (default) picks CUDA when available.
+        epochs: epochs per training; None keeps the profile's.
+        iterations: iterations per epoch; None keeps the profile's.
+        seed: seed of the generated dataset (default 0).
+
+    Returns:
+        The path of ``results.md``.
+
+    Raises:
+        RuntimeError: planning failed (see :func:`plan_and_preprocess`).
+        BenchmarkCellsFailed: a training or calibration step failed (from
+            :func:`~nnunet_mbls.benchmark.run_benchmark`).
+    """
     import torch
 
     out = Path(out).resolve()
@@ -107,7 +144,20 @@ def run_demo(out: str | os.PathLike = "nnunet_mbls_demo", quick: bool = False, t
 
 
 def predict_validation_cases(out: Path, dataset_id: int, trainer: str, device: str) -> Path:
-    """``nnunet-mbls predict`` of fold 0's validation images with the calibrated fold 0; returns qc.csv."""
+    """``nnunet-mbls predict`` of fold 0's validation images with the calibrated fold 0.
+
+    The images are linked (symbolic links) into ``out/predict/validation_images``; the output, with the maps
+    ``probabilities``, ``confidence`` and ``entropy``, goes to ``out/predict/<trainer>``.
+
+    Args:
+        out: the demo folder.
+        dataset_id: the demo dataset (2d configuration).
+        trainer: the trainer whose fold 0 predicts.
+        device: the device to predict on.
+
+    Returns:
+        The path of ``qc.csv``.
+    """
     import json
 
     from .benchmark.grid import Cell

@@ -18,15 +18,28 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 PLANS_FILE = "plans.json"
 
 
-class GeometryError(ValueError):
+class GeometryError(InputError):
     """Case properties that do not fit the reference image; the message names what to pass."""
 
 
 def transpose_forward_of(plans: Mapping | str | os.PathLike) -> tuple[int, ...]:
-    """The plans' ``transpose_forward`` (a dict, or the path of a ``plans.json``)."""
+    """The plans' ``transpose_forward``.
+
+    Args:
+        plans: nnU-Net's plans as a mapping, or the path of a ``plans.json``.
+
+    Returns:
+        The permutation, one int per spatial axis.
+
+    Raises:
+        GeometryError: the file cannot be read or parsed, the plans have no valid ``transpose_forward``, or
+            it is not a permutation.
+    """
     if not isinstance(plans, Mapping):
         path = Path(plans)
         try:
@@ -43,8 +56,16 @@ def transpose_forward_of(plans: Mapping | str | os.PathLike) -> tuple[int, ...]:
 
 
 def find_plans_file(*folders: str | os.PathLike) -> Path | None:
-    """The first ``plans.json`` in ``folders`` (nnUNetv2_predict writes one into its output folder; a trainer
-    folder holds one above ``fold_k/validation``)."""
+    """The first ``plans.json`` in ``folders``.
+
+    nnUNetv2_predict writes one into its output folder; a trainer folder holds one above ``fold_k/validation``.
+
+    Args:
+        *folders: the folders to look in, in order.
+
+    Returns:
+        The path of the first ``plans.json`` found, or None.
+    """
     for folder in folders:
         candidate = Path(folder) / PLANS_FILE
         if candidate.is_file():
@@ -71,8 +92,14 @@ def crop_box(
             boxes must agree (else GeometryError asking for the plans).
         reference_shape: spatial shape of the reference segmentation (original order).
 
-    Raises GeometryError when ``shape_before_cropping`` mapped to the original order is not
-    ``reference_shape``: the properties belong to another image, or the plans to another model.
+    Returns:
+        [start, end) per axis of the reference image, or None without ``bbox_used_for_cropping``.
+
+    Raises:
+        GeometryError: ``shape_before_cropping`` mapped to the original order is not ``reference_shape`` (the
+            properties belong to another image, or the plans to another model); the crop box or
+            ``transpose_forward`` has another number of axes than the reference; without plans,
+            ``shape_before_cropping`` is missing or no single axis order maps it onto ``reference_shape``.
     """
     box = properties.get("bbox_used_for_cropping")
     if box is None:
@@ -118,11 +145,21 @@ def crop_box(
 
 
 def network_to_original(volume: np.ndarray, properties: Mapping, plans_manager, configuration_manager) -> np.ndarray:
-    """A (K, *network grid) float map of one case -> (K, *reference shape), as nnU-Net exports probabilities.
+    """Bring a float map of one case from the network grid to the reference image, as nnU-Net exports probabilities.
 
     nnU-Net's own steps and functions, in its order: resample with the configuration's probability resampling
     to the cropped shape, put the crop back into the full (transposed) image with 0 outside the crop box,
     then ``transpose_backward``. For maps nnU-Net does not export itself (mutual information).
+
+    Args:
+        volume: (K, *network grid) float map.
+        properties: the case's nnU-Net properties (``spacing``, ``shape_before_cropping``,
+            ``shape_after_cropping_and_before_resampling``, ``bbox_used_for_cropping``).
+        plans_manager: nnU-Net's ``PlansManager`` of the model.
+        configuration_manager: nnU-Net's ``ConfigurationManager`` of the configuration that predicted.
+
+    Returns:
+        (K, *reference shape) float32 map, 0 outside the crop box.
     """
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+from .errors import InputError
+
 PARTIAL_PREFIX = ".nnunet_mbls-partial."
 _PARTIAL = re.compile(r"^\.nnunet_mbls-partial\.(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})\.[0-9a-f]+$")
 #: temporary files of nnunet-mbls 0.2 (``mkstemp(prefix=".<name>.", suffix=...)``), removed like partial folders
@@ -52,7 +54,14 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
     """Remove the partial folders (and 0.2-style temporary files) that a killed process left in ``folder``.
 
     A partial folder is stale when its process no longer runs on this machine, or, when it was made on
-    another machine, after :data:`FOREIGN_PARTIAL_AGE_S`. Returns the removed paths.
+    another machine, after :data:`FOREIGN_PARTIAL_AGE_S`. Errors are skipped silently: an unreadable
+    ``folder`` or entry is left as it is.
+
+    Args:
+        folder: the folder to clean (not recursive).
+
+    Returns:
+        The removed paths ([] when ``folder`` cannot be listed).
     """
     folder = Path(folder)
     removed = []
@@ -103,7 +112,15 @@ def _partial_folder(parent: Path) -> Path:
 
 @contextmanager
 def partial_folder(parent: str | os.PathLike) -> Iterator[Path]:
-    """A hidden working folder in ``parent``, removed at the end of the block (after a kill: by the next write)."""
+    """A hidden working folder in ``parent``, removed at the end of the block (after a kill: by the next write).
+
+    Args:
+        parent: the folder to create it in (created with its parents if needed; stale partial folders in it
+            are removed first, once per process).
+
+    Yields:
+        The new, empty partial folder.
+    """
     path = _partial_folder(Path(parent))
     try:
         yield path
@@ -116,6 +133,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     ``tmp_path`` has the same file name as ``path`` (writers that pick the format from the ending, such as
     ``SimpleITK.WriteImage`` or ``nibabel.save``, work unchanged) inside a hidden partial folder beside it.
+
+    Args:
+        path: the destination file; its folder is created if needed.
+        write: a callable that writes the whole file to the path it is given.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
         OSError: naming ``path`` when the folder is not writable or the disk is full; the partial folder is
@@ -145,7 +169,21 @@ def _write_error(path: Path, e: OSError) -> OSError:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`), flushed and fsynced before the rename.
+
+    Args:
+        path: the destination file.
+        text: the whole content.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: as :func:`atomic_write`.
+    """
+
     def write(tmp: str) -> None:
+        """Write, flush and fsync ``text`` to ``tmp``."""
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
@@ -155,7 +193,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (NaN allowed, as Python's json writes it)."""
+    """Write ``obj`` as indented JSON (NaN allowed, as Python's json writes it), atomically.
+
+    Args:
+        path: the destination file.
+        obj: a JSON-serialisable object; keys keep their order.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: as :func:`atomic_write`.
+    """
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
@@ -167,6 +216,12 @@ def staged_output(folder: str | os.PathLike) -> Iterator[Path]:
     ``folder`` at the end of the block, each in one rename; on an exception the staging folder is removed and
     ``folder`` is as it was (removed again if the block created it). After a kill, the staging folder is a
     hidden partial folder, removed by the next write into ``folder``.
+
+    Args:
+        folder: the output folder (created if needed; removed again if it ends up empty and did not exist).
+
+    Yields:
+        The staging folder, inside ``folder``.
     """
     folder = Path(folder)
     existed = folder.exists()
@@ -186,7 +241,14 @@ def staged_output(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (hex), read in 8 MiB blocks."""
+    """SHA-256 of a file's bytes, read in 8 MiB blocks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest (64 characters).
+    """
     import hashlib
 
     digest = hashlib.sha256()
@@ -197,9 +259,18 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def read_json_file(path: str | os.PathLike, argument: str) -> Any:
-    """The JSON content of ``path``; InputError naming ``argument`` and the file when it is missing or not JSON."""
-    from .errors import InputError
+    """The JSON content of ``path``.
 
+    Args:
+        path: the file to read.
+        argument: the command-line argument (or description) the file came from, for messages.
+
+    Returns:
+        The parsed JSON value (any type).
+
+    Raises:
+        InputError: naming ``argument`` and the file when it is missing, unreadable, not UTF-8 or not JSON.
+    """
     path = Path(path)
     try:
         return json.loads(path.read_text())
@@ -220,7 +291,7 @@ def refuse_outputs_over_inputs(
     input_folders: Mapping[str, str | os.PathLike] = {},
     replaceable: Iterable[str] = (),
 ) -> None:
-    """ValueError unless every output path stays clear of every input.
+    """InputError (a ValueError) unless every output path stays clear of every input.
 
     Args:
         outputs: argument name (e.g. ``"-o"``) -> a file or folder the command writes.
@@ -230,7 +301,7 @@ def refuse_outputs_over_inputs(
             folder (e.g. ``calibration_metrics_fg.json``, written into the prediction folder by default).
 
     Raises:
-        ValueError: an output is an input file (symbolic links resolved), an input folder, or lies inside an
+        InputError: an output is an input file (symbolic links resolved), an input folder, or lies inside an
             input folder (except a file with a ``replaceable`` name).
     """
     replaceable = set(replaceable)
@@ -243,10 +314,10 @@ def refuse_outputs_over_inputs(
         resolved = out.resolve()
         for name, f in files:
             if resolved == f.resolve():
-                raise ValueError(f"{out_name} {out} is the input {f} ({name}); it would be overwritten: write the "
+                raise InputError(f"{out_name} {out} is the input {f} ({name}); it would be overwritten: write the "
                                  f"output somewhere else")
         for name, folder in input_folders.items():
             folder = Path(folder)
             if _inside(resolved, folder.resolve()) and not (out.name in replaceable and resolved != folder.resolve()):
-                raise ValueError(f"{out_name} {out} lies in the input folder {name} {folder}; inputs there could be "
+                raise InputError(f"{out_name} {out} lies in the input folder {name} {folder}; inputs there could be "
                                  f"overwritten: write the output outside the input folders")

@@ -27,8 +27,20 @@ FOLD_PREFIX = "fold_"
 
 
 def dataset_name(dataset: str | int) -> str:
-    """``DatasetXXX_Name`` for an id (``27``, ``"027"``) or a name, found as nnU-Net finds it (raw, preprocessed,
-    results)."""
+    """``DatasetXXX_Name`` for an id or a name, found as nnU-Net finds it (raw, preprocessed, results).
+
+    Imports nnU-Net (``maybe_convert_to_dataset_name``).
+
+    Args:
+        dataset: an id (``27``, ``"027"``) or a name starting with ``Dataset``.
+
+    Returns:
+        The dataset's folder name.
+
+    Raises:
+        ValueError: ``dataset`` is neither a name starting with ``Dataset`` nor an integer (from ``int``).
+        RuntimeError: nnU-Net finds no dataset, or several, with that id (raised by nnU-Net).
+    """
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     text = str(dataset)
@@ -36,14 +48,34 @@ def dataset_name(dataset: str | int) -> str:
 
 
 def dataset_id(name: str) -> int:
-    """The id of a ``DatasetXXX_Name`` (nnU-Net's ``convert_dataset_name_to_id``, without importing nnU-Net)."""
+    """The id of a ``DatasetXXX_Name`` (nnU-Net's ``convert_dataset_name_to_id``, without importing nnU-Net).
+
+    Args:
+        name: a dataset folder name, ``Dataset`` followed by three digits.
+
+    Returns:
+        The id, e.g. 27 for ``Dataset027_Name``.
+
+    Raises:
+        ValueError: ``name`` does not start with ``Dataset`` and three digits.
+    """
     if not name.startswith("Dataset") or not name[len("Dataset"):len("Dataset") + 3].isdigit():
         raise ValueError(f"{name!r} is not an nnU-Net dataset folder name; expected DatasetXXX_Name")
     return int(name[len("Dataset"):len("Dataset") + 3])
 
 
 def fold_name(folder: str | os.PathLike) -> str:
-    """The fold of a ``fold_<k>`` folder (``"0"``, ``"all"``)."""
+    """The fold of a ``fold_<k>`` folder.
+
+    Args:
+        folder: the fold folder (only its name is read).
+
+    Returns:
+        The part after ``fold_``, e.g. ``"0"`` or ``"all"``.
+
+    Raises:
+        ValueError: the folder's name does not start with ``fold_``.
+    """
     name = Path(folder).name
     if not name.startswith(FOLD_PREFIX):
         raise ValueError(f"{folder} is not an nnU-Net fold folder (fold_<k>)")
@@ -51,7 +83,20 @@ def fold_name(folder: str | os.PathLike) -> str:
 
 
 def trainer_folder(dataset: str | int, trainer: str, plans: str, configuration: str) -> Path:
-    """``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>`` (nnU-Net's ``get_output_folder``)."""
+    """``$nnUNet_results/<dataset>/<trainer>__<plans>__<configuration>`` (nnU-Net's ``get_output_folder``).
+
+    Args:
+        dataset: an id or a ``DatasetXXX_Name`` (see :func:`dataset_name`).
+        trainer: the trainer class name, e.g. ``nnUNetTrainerMbLS``.
+        plans: the plans identifier, e.g. ``nnUNetPlans``.
+        configuration: e.g. ``2d`` or ``3d_fullres``.
+
+    Returns:
+        The trainer folder (it need not exist).
+
+    Raises:
+        ValueError, RuntimeError: as :func:`dataset_name`.
+    """
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     return Path(get_output_folder(dataset_name(dataset), trainer, plans, configuration))
@@ -75,7 +120,15 @@ class FoldFolder:
 
     @classmethod
     def at(cls, path: str | os.PathLike) -> "FoldFolder":
-        """The fold folder ``path``, its model read from the folder names (nnU-Net's naming)."""
+        """The fold folder ``path``, its model read from the folder names (nnU-Net's naming).
+
+        Args:
+            path: a fold folder; symbolic links are resolved to read the names.
+
+        Returns:
+            The :class:`FoldFolder`; dataset, trainer, plans, configuration and fold are None when the path
+            is not ``<dataset>/<trainer>__<plans>__<configuration>/fold_<k>``.
+        """
         path = Path(path)
         resolved = path.resolve()
         parts = resolved.parent.name.split("__")
@@ -87,38 +140,66 @@ class FoldFolder:
     @classmethod
     def of(cls, dataset: str | int, configuration: str, fold: str | int, trainer: str,
            plans: str = "nnUNetPlans") -> "FoldFolder":
-        """The fold folder of a model under ``$nnUNet_results`` (it need not exist); commands name the dataset as
-        ``dataset`` does (an id stays an id)."""
+        """The fold folder of a model under ``$nnUNet_results`` (it need not exist).
+
+        Args:
+            dataset: an id or a ``DatasetXXX_Name``; commands name the dataset as ``dataset`` does (an id stays
+                an id).
+            configuration: e.g. ``2d``.
+            fold: e.g. ``0`` or ``"all"``.
+            trainer: the trainer class name.
+            plans: the plans identifier (default ``nnUNetPlans``).
+
+        Returns:
+            The :class:`FoldFolder`.
+
+        Raises:
+            ValueError, RuntimeError: as :func:`dataset_name`.
+        """
         return cls(trainer_folder(dataset, trainer, plans, configuration) / f"{FOLD_PREFIX}{fold}", str(dataset),
                    trainer, plans, configuration, str(fold))
 
     @classmethod
     def in_trainer_folder(cls, trainer_folder: str | os.PathLike, fold: str | int) -> "FoldFolder":
-        """Fold ``fold`` of a trainer folder ``<trainer>__<plans>__<configuration>``."""
+        """Fold ``fold`` of a trainer folder ``<trainer>__<plans>__<configuration>``.
+
+        Args:
+            trainer_folder: the trainer folder.
+            fold: e.g. ``0`` or ``"all"``.
+
+        Returns:
+            :meth:`at` of ``trainer_folder/fold_<fold>``.
+        """
         return cls.at(Path(trainer_folder) / f"{FOLD_PREFIX}{fold}")
 
     @property
     def trainer_folder(self) -> Path:
+        """The folder above this fold (``<trainer>__<plans>__<configuration>``)."""
         return self.path.parent
 
     @property
     def checkpoint_final(self) -> Path:
+        """nnU-Net's ``checkpoint_final.pth`` of this fold."""
         return self.path / CHECKPOINT_FINAL
 
     @property
     def calibrated_checkpoint(self) -> Path:
+        """Our ``checkpoint_final_calibrated.pth`` (the calibration folded into the head)."""
         return self.path / CALIBRATED_CHECKPOINT
 
     @property
     def calibration_record(self) -> Path:
+        """Our ``calibration.json`` of this fold."""
         return self.path / CALIBRATION_RECORD
 
     @property
     def calibration_details(self) -> Path:
+        """Our ``calibration/`` folder of this fold (``evaluation_{before,after}.json``, ``reliability.png``)."""
         return self.path / CALIBRATION_DETAILS
 
     @property
     def validation(self) -> Path:
+        """nnU-Net's ``validation/`` folder of this fold."""
         return self.path / VALIDATION
 
     @property
@@ -132,11 +213,26 @@ class FoldFolder:
         return self.dataset, self.configuration, fold or self.fold, self.trainer, self.plans
 
     def train_command(self, *extra: str) -> str:
-        """The ``nnUNetv2_train`` command of this fold, with ``extra`` flags."""
+        """The ``nnUNetv2_train`` command of this fold, with ``extra`` flags.
+
+        Args:
+            *extra: further arguments appended as given, e.g. ``"--npz"``.
+
+        Returns:
+            The command line; placeholders (``DATASET``, ...) where the folder does not follow nnU-Net's layout.
+        """
         dataset, configuration, fold, trainer, plans = self._model_args()
         return " ".join((f"nnUNetv2_train {dataset} {configuration} {fold} -tr {trainer} -p {plans}",) + extra)
 
     def calibrate_command(self, folds: str | None = None) -> str:
-        """The ``nnunet-mbls calibrate`` command that (re)does this fold's calibration (or that of ``folds``)."""
+        """The ``nnunet-mbls calibrate`` command that (re)does this fold's calibration (or that of ``folds``).
+
+        Args:
+            folds: the ``-f`` value to use instead of this fold, e.g. ``"0 1 2 3 4"`` for an ensemble; None
+                (default) for this fold.
+
+        Returns:
+            The command line; placeholders (``DATASET``, ...) where the folder does not follow nnU-Net's layout.
+        """
         dataset, configuration, fold, trainer, plans = self._model_args(folds)
         return f"nnunet-mbls calibrate -d {dataset} -c {configuration} -f {fold} -tr {trainer} -p {plans}"

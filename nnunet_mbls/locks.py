@@ -20,13 +20,15 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import NnunetMblsError
+
 LOCK_NAME = ".nnunet_mbls.lock"
 #: seconds between "waiting for" messages while another process holds the lock
 REPORT_EVERY_S = 60.0
 _held: dict[Path, int] = {}  # lock path -> nesting depth in this process
 
 
-class FoldLockTimeout(RuntimeError):
+class FoldLockTimeout(NnunetMblsError, RuntimeError):
     """Another process held the fold's lock for longer than the caller was willing to wait."""
 
 
@@ -45,6 +47,9 @@ def fold_lock(folder: str | os.PathLike, timeout_s: float | None = None, what: s
         folder: the fold folder; when it does not exist the block runs unlocked (nothing is there to protect).
         timeout_s: give up after this many seconds of waiting (None: wait as long as it takes).
         what: who locks, for the other process's message.
+
+    Yields:
+        None, while the lock is held (re-entrant within this process).
 
     Raises:
         FoldLockTimeout: naming the folder, the owner and the lock file after ``timeout_s``.
@@ -106,7 +111,15 @@ def _acquire(path: Path, timeout_s: float | None, what: str) -> int:
 
 @contextmanager
 def fold_locks(folders: list[Path]):
-    """:func:`fold_lock` on every folder, taken in sorted order (no deadlock between two runs)."""
+    """:func:`fold_lock` on every folder, taken in sorted order (no deadlock between two runs).
+
+    Args:
+        folders: fold folders; duplicates (after resolving) are locked once. Each lock waits without a
+            timeout and names ``nnunet-mbls calibrate`` as its owner.
+
+    Yields:
+        None, inside all the locks.
+    """
     with ExitStack() as stack:
         for folder in sorted({Path(f).resolve() for f in folders}):
             stack.enter_context(fold_lock(folder, what="nnunet-mbls calibrate"))

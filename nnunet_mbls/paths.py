@@ -15,6 +15,12 @@ def ext_trainer_folder() -> Path:
 
     A wheel install ships it as ``nnunet_mbls/ext_trainers``; a source checkout (editable install)
     has it as the top-level ``trainers/`` folder next to the package.
+
+    Returns:
+        The first of the two folders that holds ``nnunet_mbls_trainers.py``.
+
+    Raises:
+        FileNotFoundError: neither folder holds it (the message suggests reinstalling).
     """
     package = Path(nnunet_mbls.__file__).resolve().parent
     for candidate in (package / "ext_trainers", package.parent / "trainers"):
@@ -27,7 +33,18 @@ def ext_trainer_folder() -> Path:
 
 
 def env_with_ext_trainers(env: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``env`` (default: os.environ) whose nnUNet_extTrainer includes our trainer folder."""
+    """A copy of ``env`` whose nnUNet_extTrainer includes our trainer folder.
+
+    Args:
+        env: the environment to copy; None (default) copies ``os.environ``. It is not modified.
+
+    Returns:
+        The copy, with :func:`ext_trainer_folder` appended to ``nnUNet_extTrainer`` (``os.pathsep``-separated)
+        unless it is already there.
+
+    Raises:
+        FileNotFoundError: as :func:`ext_trainer_folder`.
+    """
     env = dict(os.environ if env is None else env)
     folder = str(ext_trainer_folder())
     existing = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]

@@ -25,7 +25,14 @@ class ProbabilityFileError(InputError):
 
 
 def load_probabilities(case: str, npz_file: Path) -> tuple[np.ndarray, dict]:
-    """(C, *spatial) float32 probabilities and the nnU-Net properties (empty dict without a .pkl).
+    """Read one nnU-Net probability file and the properties beside it.
+
+    Args:
+        case: the case name, for messages.
+        npz_file: ``<case>.npz`` holding ``probabilities``; ``<case>.pkl`` next to it is read when present.
+
+    Returns:
+        (C, *spatial) float32 probabilities and the nnU-Net properties (empty dict without a .pkl).
 
     Raises:
         ProbabilityFileError: the file cannot be read, has no ``probabilities`` array, or its ``.pkl`` is broken.
@@ -68,6 +75,11 @@ def check_probabilities(case: str, probs: np.ndarray, num_classes: int | None = 
         num_classes: expected C (the labels of dataset.json), or None to skip.
         spatial_shape: expected spatial shape, or None to skip.
         shape_source: what ``spatial_shape`` comes from, for the message.
+
+    Raises:
+        ProbabilityFileError: ``probs`` has no class axis, another spatial shape or number of classes than
+            expected, NaN/Inf, values outside [0, 1] (above by more than :data:`PROBABILITY_SUM_TOLERANCE`), or
+            a voxel whose probabilities do not sum to 1 within that tolerance.
     """
     if probs.ndim < 2:
         raise ProbabilityFileError(f"case {case}: probabilities have shape {probs.shape}; expected (C, *spatial)")

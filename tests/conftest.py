@@ -1,66 +1,17 @@
-"""Shared fixtures: nnU-Net folders in a temporary directory and real nnU-Net commands on tiny data."""
+"""Shared fixtures: nnU-Net folders in a temporary directory, real nnU-Net commands on tiny data, and a calibrated
+hand-made fold. Helpers live in the ``helpers`` package (tests/ is on sys.path: ``pythonpath`` in pyproject.toml)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-TEST_TRAINERS = Path(__file__).resolve().parent / "ext_trainers"
-BIN = Path(sys.executable).parent
+pytest.register_assert_rewrite("helpers")  # plain asserts in helpers report their values, as in test modules
 
-
-class NnUNet:
-    """nnU-Net folders under one root and a runner for nnU-Net / nnunet-mbls commands on the CPU."""
-
-    def __init__(self, root: Path):
-        from nnunet_mbls.paths import ext_trainer_folder
-
-        self.root = root
-        self.raw, self.preprocessed, self.results = (root / n for n in ("raw", "preprocessed", "results"))
-        for p in (self.raw, self.preprocessed, self.results):
-            p.mkdir(parents=True, exist_ok=True)
-        self.env = dict(
-            os.environ,
-            nnUNet_raw=str(self.raw),
-            nnUNet_preprocessed=str(self.preprocessed),
-            nnUNet_results=str(self.results),
-            nnUNet_extTrainer=os.pathsep.join([str(ext_trainer_folder()), str(TEST_TRAINERS)]),
-            nnUNet_compile="f",
-            nnUNet_def_n_proc="1",
-            OMP_NUM_THREADS="2",
-            PATH=os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),  # emitted jobs call nnU-Net by name
-        )
-
-    def run(self, *args: str, training: bool = False, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(self.env, nnUNet_n_proc_DA="0") if training else self.env
-        cmd = [str(BIN / args[0]), *args[1:]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-        return proc
-
-    def plan(self, dataset_id: int, configuration: str) -> None:
-        self.run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "1",
-                 "-npfp", "1", "--verify_dataset_integrity")
-
-    def train(self, dataset_id: int, configuration: str, trainer: str, fold: str = "0", *extra: str, check=True):
-        return self.run("nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", "cpu",
-                        *extra, training=True, check=check)
-
-    def fold_folder(self, dataset_folder: str, trainer: str, configuration: str, fold: int = 0) -> Path:
-        return self.results / dataset_folder / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
-
-    def apply_env(self, monkeypatch) -> None:
-        """Make this process see the same nnU-Net folders (for in-process calls)."""
-        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_compile",
-                    "nnUNet_def_n_proc"):
-            monkeypatch.setenv(key, self.env[key])
-        monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+from helpers.folders import make_fold  # noqa: E402
+from helpers.nnunet import NnUNet  # noqa: E402
+from helpers.probabilities import sample_cases  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +31,18 @@ def trained_stock_3d(nnunet_3d) -> tuple[NnUNet, str, Path]:
     nn, dataset = nnunet_3d
     nn.train(501, "3d_fullres", "nnUNetTrainerStock_test", "0", "--npz")
     return nn, dataset, nn.fold_folder(dataset, "nnUNetTrainerStock_test", "3d_fullres")
+
+
+@pytest.fixture
+def calibrated_fold(tmp_path, monkeypatch):
+    """A hand-made trained fold calibrated by the real step: (fold folder, env for the console script)."""
+    from nnunet_mbls.calibration.folds import calibrate_output_folder
+
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
+    cases = {f"case_{i}": c for i, c in enumerate(sample_cases(4, seed=1, shape=(6, 8, 7)))}
+    fold = make_fold(tmp_path, cases, list(cases))
+    calibrate_output_folder(fold, progress=False, log=lambda *a: None)
+    env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "preprocessed"),
+           "nnUNet_results": str(tmp_path / "results"), "nnUNet_def_n_proc": "1"}
+    (tmp_path / "raw").mkdir()
+    return fold, env

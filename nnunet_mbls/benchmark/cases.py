@@ -30,13 +30,29 @@ SCORE_STAGES = ("before", "after")
 
 
 def mean_foreground_dice(case_metrics: dict) -> float:
-    """Mean Dice over the foreground classes of a case (NaN classes, empty in both, left out)."""
+    """Mean Dice over the foreground classes of a case (NaN classes, empty in both, left out).
+
+    Args:
+        case_metrics: one case's entry of an evaluation's ``per_case``, with ``dice``: class -> Dice.
+
+    Returns:
+        The mean, or NaN when every class is NaN.
+    """
     values = [v for v in case_metrics["dice"].values() if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
 
 
 def cell_case_rows(cell: Cell) -> list[dict]:
-    """One row per validation case of a calibrated cell; [] when its validation probabilities are gone."""
+    """One row per validation case of a calibrated cell; [] when its validation probabilities are gone.
+
+    Args:
+        cell: a cell whose calibration step has run (``calibration.json`` and
+            ``calibration/evaluation_before.json`` exist).
+
+    Returns:
+        Rows with the keys of :data:`CASE_COLUMNS`: trainer, fold, case, mean foreground Dice, and each score
+        of :data:`SCORES` and ``ece_boundary`` before and after the fold's temperature.
+    """
     from ..calibration.folds import gt_folder_for
 
     fold = FoldFolder.at(cell.folder)
@@ -67,7 +83,16 @@ def cell_case_rows(cell: Cell) -> list[dict]:
 
 
 def boundary_ece(probabilities: np.ndarray, ref: np.ndarray, labels: LabelInfo) -> float:
-    """Top-label ECE (15 bins) of the voxels within ±2 voxels of a reference label boundary."""
+    """Top-label ECE (15 bins) of the voxels within ±2 voxels of a reference label boundary.
+
+    Args:
+        probabilities: (C, *spatial) probabilities of the case.
+        ref: (*spatial) reference labels.
+        labels: the dataset's labels (number of classes, ignore label; ignored voxels are left out).
+
+    Returns:
+        The ECE, or NaN when the band is empty.
+    """
     mask = region_mask(ref, "boundary", labels.ignore_label)
     accumulator = CalibrationAccumulator(labels.num_classes)
     accumulator.update(torch.from_numpy(probabilities), torch.from_numpy(np.where(mask, ref, 0)), torch.from_numpy(mask))
@@ -79,7 +104,15 @@ CASE_COLUMNS = ("trainer", "fold", "case", "dice",
 
 
 def write_cases_csv(rows: list[dict], path: Path) -> Path:
-    """``cases.csv``: one row per (trainer, fold, case)."""
+    """Write ``cases.csv``: one row per (trainer, fold, case), atomically.
+
+    Args:
+        rows: the rows of :func:`cell_case_rows`; missing columns are written empty.
+        path: the file to write.
+
+    Returns:
+        ``path``.
+    """
     import csv
     import io
 

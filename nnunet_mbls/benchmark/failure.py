@@ -87,16 +87,22 @@ def _risk_and_score(risk, score) -> tuple[np.ndarray, np.ndarray]:
 
 
 def risk_coverage(risk, score) -> tuple[np.ndarray, np.ndarray]:
-    """The risk-coverage curve: ``(coverage, selective_risk)``, both float64 of shape (n,).
-
-    ``risk``: shape (n,), the per-case risk (``1 - dice``; any finite numbers). ``score``: shape
-    (n,), uncertainty, higher = more doubtful. Cases are accepted in ascending score (most
-    confident first); ``coverage[k-1] = k/n`` and ``selective_risk[k-1]`` is the mean risk of the
-    ``k`` most confident cases, ``k = 1..n``.
+    """The risk-coverage curve: cases accepted in ascending score (most confident first).
 
     Ties: for cases with exactly equal scores the value is the expected one over uniformly random
     orderings of the tied cases, i.e. every prefix position inside a tie group contributes the
     group's mean risk. (A score constant over all cases gives ``mean(risk)`` at every coverage.)
+
+    Args:
+        risk: shape (n,), the per-case risk (``1 - dice``; any finite numbers).
+        score: shape (n,), uncertainty, higher = more doubtful.
+
+    Returns:
+        ``(coverage, selective_risk)``, both float64 of shape (n,): ``coverage[k-1] = k/n`` and
+        ``selective_risk[k-1]`` is the mean risk of the ``k`` most confident cases, ``k = 1..n``.
+
+    Raises:
+        ValueError: an input is not a non-empty 1-D sequence of finite numbers, or the lengths differ.
     """
     risk, score = _risk_and_score(risk, score)
     n = risk.size
@@ -108,17 +114,36 @@ def aurc(risk, score) -> float:
     """Area under the risk-coverage curve, discrete definition of Geifman et al. (ICLR 2019).
 
     ``AURC = (1/n) * sum_{k=1..n} r_k`` with ``r_k`` the selective risk at coverage ``k/n`` of
-    :func:`risk_coverage` (ties: expectation over random orderings of tied cases). Shapes: ``risk``
-    and ``score`` (n,). Lower is better; a score constant over all cases gives ``mean(risk)``.
-    This is not the trapezoid over distinct thresholds of ValUES'/fd-shifts' ``aurc`` (see the
-    module docstring; the two differ by O(1/n)).
+    :func:`risk_coverage` (ties: expectation over random orderings of tied cases). This is not the
+    trapezoid over distinct thresholds of ValUES'/fd-shifts' ``aurc`` (see the module docstring; the two
+    differ by O(1/n)).
+
+    Args:
+        risk: shape (n,), the per-case risk (``1 - dice``).
+        score: shape (n,), uncertainty, higher = more doubtful.
+
+    Returns:
+        The AURC; lower is better; a score constant over all cases gives ``mean(risk)``.
+
+    Raises:
+        ValueError: as :func:`risk_coverage`.
     """
     _, selective = risk_coverage(risk, score)
     return float(np.mean(selective))
 
 
 def optimal_aurc(risk) -> float:
-    """AURC of the optimal ranking: cases accepted in ascending true risk. ``risk``: shape (n,)."""
+    """AURC of the optimal ranking: cases accepted in ascending true risk.
+
+    Args:
+        risk: shape (n,), the per-case risk.
+
+    Returns:
+        The optimal AURC.
+
+    Raises:
+        ValueError: ``risk`` is not a non-empty 1-D sequence of finite numbers.
+    """
     risk = _as_cases(risk, "risk")
     k = np.arange(1, risk.size + 1, dtype=np.float64)
     return float(np.mean(np.cumsum(np.sort(risk)) / k))
@@ -127,10 +152,17 @@ def optimal_aurc(risk) -> float:
 def e_aurc(risk, score) -> float:
     """Excess AURC: ``aurc(risk, score) - optimal_aurc(risk)``.
 
-    0 (exactly) for a ranking that sorts the cases by their true risk (ties in the score only
-    among cases of equal risk); maximal for the reversed ranking (highest risk accepted first).
-    Mathematically >= 0 (rounding can leave a few ulps either side of the true value). Shapes:
-    ``risk`` and ``score`` (n,).
+    Args:
+        risk: shape (n,), the per-case risk.
+        score: shape (n,), uncertainty, higher = more doubtful.
+
+    Returns:
+        0 (exactly) for a ranking that sorts the cases by their true risk (ties in the score only
+        among cases of equal risk); maximal for the reversed ranking (highest risk accepted first).
+        Mathematically >= 0 (rounding can leave a few ulps either side of the true value).
+
+    Raises:
+        ValueError: as :func:`risk_coverage`.
     """
     risk, score = _risk_and_score(risk, score)
     return aurc(risk, score) - optimal_aurc(risk)
@@ -144,21 +176,52 @@ def default_tau(baseline_dice) -> float:
     """The failure threshold: the :data:`~nnunet_mbls.defaults.TAU_PERCENTILE`-th (10th) percentile of the
     baseline trainer's per-case Dice.
 
-    ``baseline_dice``: shape (m,), the baseline's Dice on the same cases as the trainers being
-    compared. numpy's ``percentile`` with linear interpolation between order statistics
-    (``method="linear"``, numpy's default: position ``0.1 * (m - 1)`` in the sorted values).
+    numpy's ``percentile`` with linear interpolation between order statistics (``method="linear"``,
+    numpy's default: position ``0.1 * (m - 1)`` in the sorted values).
+
+    Args:
+        baseline_dice: shape (m,), the baseline's Dice on the same cases as the trainers being compared.
+
+    Returns:
+        τ, a float.
+
+    Raises:
+        ValueError: ``baseline_dice`` is not a non-empty 1-D sequence of finite numbers in [0, 1].
     """
     dice = _as_dice(baseline_dice, "baseline_dice")
     return float(np.percentile(dice, TAU_PERCENTILE, method="linear"))
 
 
 def failure_labels(dice, tau) -> np.ndarray:
-    """Boolean array of shape (n,): True where a case failed, i.e. ``dice < tau`` (strictly)."""
+    """Which cases failed, i.e. ``dice < tau`` (strictly).
+
+    Args:
+        dice: shape (n,), Dice per case in [0, 1].
+        tau: the failure threshold, a finite number.
+
+    Returns:
+        Boolean array of shape (n,), True where a case failed.
+
+    Raises:
+        ValueError: ``dice`` is not a non-empty 1-D sequence of finite numbers in [0, 1], or ``tau`` is not
+            a finite number.
+    """
     return _as_dice(dice) < _as_tau(tau)
 
 
 def auroc_undefined_reason(dice, tau) -> str | None:
-    """Why the failure AUROC is undefined for these cases (one class only), or None when defined."""
+    """Why the failure AUROC is undefined for these cases (one class only), or None when defined.
+
+    Args:
+        dice: shape (n,), Dice per case in [0, 1].
+        tau: the failure threshold.
+
+    Returns:
+        A sentence (no failed case, or every case failed), or None.
+
+    Raises:
+        ValueError: as :func:`failure_labels`.
+    """
     failed = failure_labels(dice, tau)
     n, k = failed.size, int(failed.sum())
     if k == 0:
@@ -171,13 +234,23 @@ def auroc_undefined_reason(dice, tau) -> str | None:
 def auroc_failure(dice, score, tau, *, return_reason: bool = False) -> float | tuple[float, str | None]:
     """ROC AUC of ``score`` for detecting failed cases (failure: ``dice < tau``).
 
-    ``dice``, ``score``: shape (n,); ``score`` is an uncertainty (higher = more doubtful), so 1.0
-    means every failed case is more doubtful than every successful one and 0.5 is chance. Computed
-    by ``sklearn.metrics.roc_auc_score(dice < tau, score)``; tied scores count 1/2 (Mann-Whitney).
+    Computed by ``sklearn.metrics.roc_auc_score(dice < tau, score)``; tied scores count 1/2 (Mann-Whitney).
 
-    Returns NaN when only one class is present (no failure, or every case failed). With
-    ``return_reason=True`` returns ``(auroc, reason)``, reason None when defined and otherwise the
-    sentence of :func:`auroc_undefined_reason`.
+    Args:
+        dice: shape (n,), Dice per case in [0, 1].
+        score: shape (n,), an uncertainty (higher = more doubtful), so 1.0 means every failed case is more
+            doubtful than every successful one and 0.5 is chance.
+        tau: the failure threshold.
+        return_reason: also return why the AUROC is undefined (default False).
+
+    Returns:
+        The AUROC; NaN when only one class is present (no failure, or every case failed). With
+        ``return_reason=True`` ``(auroc, reason)``, reason None when defined and otherwise the
+        sentence of :func:`auroc_undefined_reason`.
+
+    Raises:
+        ValueError: an input is not a non-empty 1-D sequence of finite numbers (Dice in [0, 1]), the lengths
+            differ, or ``tau`` is not a finite number.
     """
     dice = _as_dice(dice)
     score = _as_cases(score, "score")
@@ -225,14 +298,27 @@ def bootstrap_ci(stat_fn: Callable[..., float], *arrays, n_boot: int = 1000, see
                  level: float = 0.95) -> BootstrapInterval:
     """Percentile bootstrap interval of ``stat_fn(*arrays)`` over cases.
 
-    ``arrays``: one or more per-case arrays of equal length n along axis 0 (the same case order).
     Each of the ``n_boot`` resamples draws n case indices uniformly with replacement
     (``numpy.random.default_rng(seed).integers(0, n, size=(n_boot, n))``) and applies the **same
     indices to every array**. Resamples where the statistic is NaN (undefined, e.g. AUROC with one
-    class) are dropped; ``low`` and ``high`` are the ``(1 - level)/2`` and ``(1 + level)/2``
-    quantiles (numpy percentile, linear) of the remaining ``n_used`` values. ``(nan, nan, 0)``
-    when no resample is defined. The same ``seed`` and n give the same resamples, so intervals of
+    class) are dropped. The same ``seed`` and n give the same resamples, so intervals of
     different statistics or scores on the same cases are computed on identical resamples.
+
+    Args:
+        stat_fn: the statistic, called as ``stat_fn(*resampled_arrays)`` and returning a float.
+        *arrays: one or more per-case arrays of equal length n along axis 0 (the same case order).
+        n_boot: number of resamples, a positive integer (default 1000).
+        seed: seed of the resampling (default 0).
+        level: interval level, strictly between 0 and 1 (default 0.95).
+
+    Returns:
+        :class:`BootstrapInterval`: ``low`` and ``high`` are the ``(1 - level)/2`` and ``(1 + level)/2``
+        quantiles (numpy percentile, linear) of the remaining ``n_used`` values; ``(nan, nan, 0)``
+        when no resample is defined.
+
+    Raises:
+        ValueError: ``stat_fn`` is not callable; no array, a scalar array, arrays of different lengths or
+            empty arrays; ``n_boot`` is not a positive integer; ``level`` is not strictly between 0 and 1.
     """
     if not callable(stat_fn):
         raise ValueError(f"`stat_fn` must be callable (arrays -> float); got {type(stat_fn).__name__}")
@@ -272,23 +358,34 @@ def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.
                                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """AURC, E-AURC and failure AUROC of every score, each with its bootstrap interval.
 
-    ``dice``: shape (n,); ``scores``: name -> uncertainty of shape (n,) (higher = more doubtful;
-    orient confidences with :func:`as_uncertainty` first); ``tau``: failure threshold (failure:
-    ``dice < tau``), held fixed in the bootstrap. Risk is ``1 - dice``. Every interval of every
-    score uses the same resamples (:func:`bootstrap_ci` with ``seed``). The AUROC point value is
-    :func:`auroc_failure` (scikit-learn); inside the bootstrap the identical statistic is computed
-    from average ranks (Mann-Whitney), which is much faster and equal to rounding.
+    Risk is ``1 - dice``. Every interval of every score uses the same resamples (:func:`bootstrap_ci`
+    with ``seed``). The AUROC point value is :func:`auroc_failure` (scikit-learn); inside the bootstrap
+    the identical statistic is computed from average ranks (Mann-Whitney), which is much faster and
+    equal to rounding.
 
-    Returns plain Python values (JSON-serialisable; NaN for undefined values, as ``json`` writes
-    them)::
+    Args:
+        dice: shape (n,), Dice per case in [0, 1].
+        scores: name -> uncertainty of shape (n,) (higher = more doubtful; orient confidences with
+            :func:`as_uncertainty` first).
+        tau: failure threshold (failure: ``dice < tau``), held fixed in the bootstrap.
+        n_boot: bootstrap resamples (default 1000).
+        seed: seed of the resampling (default 0).
+        level: interval level (default 0.95).
 
-        {"n_cases": int, "n_failures": int, "tau": float,
-         "risk": "1 - dice", "failure": "dice < tau",
-         "interval": {"method": "percentile bootstrap over cases", "n_boot": int, "seed": int, "level": float},
-         "scores": {name: {"aurc":   {"value": float, "low": float, "high": float, "n_boot_used": int},
-                           "e_aurc": {... same keys ...},
-                           "auroc":  {... same keys ...},
-                           "auroc_undefined_reason": str | None}}}
+    Returns:
+        Plain Python values (JSON-serialisable; NaN for undefined values, as ``json`` writes them)::
+
+            {"n_cases": int, "n_failures": int, "tau": float,
+             "risk": "1 - dice", "failure": "dice < tau",
+             "interval": {"method": "percentile bootstrap over cases", "n_boot": int, "seed": int, "level": float},
+             "scores": {name: {"aurc":   {"value": float, "low": float, "high": float, "n_boot_used": int},
+                               "e_aurc": {... same keys ...},
+                               "auroc":  {... same keys ...},
+                               "auroc_undefined_reason": str | None}}}
+
+    Raises:
+        ValueError: bad ``dice`` or ``tau``; ``scores`` is not a dict, has a non-string key, or a score that
+            is not a 1-D sequence of finite numbers of length n; bad ``n_boot`` or ``level``.
     """
     dice = _as_dice(dice)
     tau = _as_tau(tau)

@@ -63,10 +63,20 @@ def _as_tau(tau) -> float:
 def as_uncertainty(score, *, higher_is_doubtful: bool) -> np.ndarray:
     """The score oriented so that higher = more doubtful, as every function here expects.
 
-    ``score``: shape (n,). ``higher_is_doubtful=True`` returns it unchanged (as float64);
-    ``False`` (a confidence, e.g. the pairwise Dice between fold predictions) returns ``-score``.
     Negation keeps ties and the order reversed exactly, so AURC/AUROC of ``-confidence`` are those
     of the confidence read the right way round.
+
+    Args:
+        score: shape (n,), one finite number per case.
+        higher_is_doubtful: ``True`` for an uncertainty (entropy, variance): returned unchanged; ``False``
+            for a confidence (e.g. the pairwise Dice between fold predictions): returned as ``-score``.
+
+    Returns:
+        float64 array of shape (n,), a new array.
+
+    Raises:
+        ValueError: ``higher_is_doubtful`` is not a bool, or ``score`` is not a non-empty 1-D sequence of
+            finite numbers.
     """
     if not isinstance(higher_is_doubtful, (bool, np.bool_)):
         raise ValueError(f"`higher_is_doubtful` must be True or False; got {higher_is_doubtful!r}; "

@@ -21,17 +21,21 @@ class Cell:
 
     @property
     def fold_folder(self) -> FoldFolder:
+        """The cell's fold folder under ``$nnUNet_results`` (it need not exist)."""
         return FoldFolder.of(self.dataset, self.configuration, self.fold, self.trainer, self.plans)
 
     @property
     def folder(self) -> Path:
+        """The path of :attr:`fold_folder`."""
         return self.fold_folder.path
 
     @property
     def dataset_id(self) -> int:
+        """The id of :attr:`dataset` (ValueError when it is not a ``DatasetXXX_Name``)."""
         return dataset_id(self.dataset)
 
     def is_trained(self) -> bool:
+        """Whether nnU-Net's training finished (``checkpoint_final.pth`` exists)."""
         return self.fold_folder.checkpoint_final.is_file()
 
     def is_calibrated(self) -> bool:
@@ -41,6 +45,7 @@ class Cell:
         return calibration_problem(self.folder) is None
 
     def label(self) -> str:
+        """``"<dataset> <configuration> fold <k> <trainer>"``, for logs and lists."""
         return f"{self.dataset} {self.configuration} fold {self.fold} {self.trainer}"
 
     def missing_reason(self) -> str:
@@ -51,7 +56,21 @@ class Cell:
 
 
 def make_grid(datasets, configuration: str, folds, trainers, plans: str = "nnUNetPlans") -> list[Cell]:
-    """All cells, dataset-major, then fold, then trainer (so a partial run has every trainer per fold)."""
+    """All cells, dataset-major, then fold, then trainer (so a partial run has every trainer per fold).
+
+    Args:
+        datasets: dataset ids or names (each resolved with :func:`~nnunet_mbls.layout.dataset_name`).
+        configuration: the nnU-Net configuration of every cell.
+        folds: the folds.
+        trainers: the trainer class names.
+        plans: the plans identifier (default ``nnUNetPlans``).
+
+    Returns:
+        One :class:`Cell` per (dataset, fold, trainer).
+
+    Raises:
+        ValueError, RuntimeError: a dataset nnU-Net cannot find (see :func:`~nnunet_mbls.layout.dataset_name`).
+    """
     return [
         Cell(dataset_name(d), configuration, str(f), t, plans)
         for d, f, t in itertools.product(datasets, folds, trainers)

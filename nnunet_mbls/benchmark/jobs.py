@@ -36,6 +36,15 @@ def job_command(cell: Cell, num_gpus: int = 1, device: str | None = None) -> str
 
     A cell whose training finished (``checkpoint_final.pth``) but whose calibration step is missing or
     failed gets only the calibrate command: nothing is trained again.
+
+    Args:
+        cell: the cell.
+        num_gpus: GPUs for nnU-Net's DDP training (``-num_gpus`` when > 1; default 1).
+        device: ``-device`` for training and calibration; None (default) passes none (the commands' own default).
+
+    Returns:
+        The shell line: exports of the nnU-Net path variables set in this shell, ``eval "$(nnunet-mbls
+        env)"``, then train (``--npz --c``) ``&&`` calibrate (``--if-missing``).
     """
     exports = [f"{k}={shlex.quote(os.environ[k])}" for k in NNUNET_PATH_VARIABLES if os.environ.get(k)]
     fold = FoldFolder.of(cell.dataset_id, cell.configuration, cell.fold, cell.trainer, cell.plans)
@@ -47,6 +56,16 @@ def job_command(cell: Cell, num_gpus: int = 1, device: str | None = None) -> str
 
 
 def sbatch_script(jobs_file: Path, n_jobs: int, options: SlurmOptions) -> str:
+    """A SLURM array script that runs line ``$SLURM_ARRAY_TASK_ID`` of ``jobs_file``.
+
+    Args:
+        jobs_file: the ``jobs.txt`` to read; logs go to ``logs/%A_%a.out`` beside it.
+        n_jobs: the number of lines (the array is 1..n_jobs).
+        options: GPUs, CPUs, memory, time and partition of each job.
+
+    Returns:
+        The script's text.
+    """
     lines = [
         "#!/bin/bash",
         "#SBATCH --job-name=nnunet-mbls",
@@ -71,7 +90,20 @@ def sbatch_script(jobs_file: Path, n_jobs: int, options: SlurmOptions) -> str:
 
 def emit_jobs(cells: list[Cell], out_dir: str | os.PathLike, num_gpus: int = 1,
               slurm: SlurmOptions | None = None, device: str | None = None) -> tuple[list[Cell], list[Cell]]:
-    """Write jobs.txt (cells not finished), jobs_done.txt, jobs.sbatch, README.txt; return (todo, done)."""
+    """Write jobs.txt (cells not finished), jobs_done.txt, jobs.sbatch, README.txt.
+
+    ``jobs.sbatch`` is written only when something is left to do (a stale one is removed).
+
+    Args:
+        cells: the grid.
+        out_dir: the folder to write into (created, with ``logs/``).
+        num_gpus: GPUs per training job (default 1).
+        slurm: SLURM options; None (default) uses :class:`SlurmOptions` with ``max(1, num_gpus)`` GPUs.
+        device: ``-device`` of every command; None (default) passes none.
+
+    Returns:
+        ``(todo, done)``: the cells not calibrated yet and those that are.
+    """
     out = Path(out_dir).resolve()
     todo = [c for c in cells if not c.is_calibrated()]
     done = [c for c in cells if c.is_calibrated()]

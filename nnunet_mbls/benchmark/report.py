@@ -26,6 +26,15 @@ STAGE_TITLES = {
 
 
 def fmt(stat: dict, digits: int = 4) -> str:
+    """A table cell ``mean ± std``.
+
+    Args:
+        stat: ``{"mean", "std", "n"}`` of one metric (:func:`~nnunet_mbls.benchmark.results.mean_std`).
+        digits: decimals (default 4).
+
+    Returns:
+        ``"n/a"`` when there is no value; the mean alone when the std is NaN.
+    """
     if stat["n"] == 0 or math.isnan(stat["mean"]):
         return "n/a"
     std = "" if math.isnan(stat["std"]) else f" ± {stat['std']:.{digits}f}"
@@ -33,6 +42,15 @@ def fmt(stat: dict, digits: int = 4) -> str:
 
 
 def fmt_diff(stat: dict, digits: int = 4) -> str:
+    """A table cell of a paired difference: ``+mean (wins/n better, p=...)``.
+
+    Args:
+        stat: the result of :func:`~nnunet_mbls.benchmark.results.paired`.
+        digits: decimals of the mean (default 4).
+
+    Returns:
+        ``"n/a"`` when no case is common; the p-value is left out when it is NaN.
+    """
     if stat["n"] == 0:
         return "n/a"
     p = "" if math.isnan(stat["p"]) else f", p={stat['p']:.2g}"
@@ -40,11 +58,29 @@ def fmt_diff(stat: dict, digits: int = 4) -> str:
 
 
 def stages_present(rows: dict) -> list[str]:
-    """The stages some trainer has, in :data:`STAGES` order."""
+    """The stages some trainer has, in :data:`STAGES` order.
+
+    Args:
+        rows: ``results["rows"]``: trainer -> row with ``stages``.
+
+    Returns:
+        The stage names.
+    """
     return [s for s in STAGES if any(s in row["stages"] for row in rows.values())]
 
 
 def markdown(dataset: str, results: dict, description: str = "") -> str:
+    """The text of ``results.md``: one table per stage, the paired differences to the baseline, failure
+    detection and the missing cells.
+
+    Args:
+        dataset: the dataset name, for the title.
+        results: the output of :func:`~nnunet_mbls.benchmark.results.build_results`.
+        description: the dataset's description (dataset.json), shown under the title when not empty.
+
+    Returns:
+        Markdown text.
+    """
     rows, baseline = results["rows"], results["baseline"]
     header = "| trainer | folds | cases | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
     rule = "|---|---|---|" + "---|" * len(METRICS)
@@ -83,7 +119,14 @@ def markdown(dataset: str, results: dict, description: str = "") -> str:
 
 
 def failure_markdown(failure: dict) -> list[str]:
-    """The failure-detection table: per trainer and score, AURC, E-AURC and AUROC with 95% intervals."""
+    """The failure-detection table: per trainer and score, AURC, E-AURC and AUROC with 95% intervals.
+
+    Args:
+        failure: ``results["failure_detection"]`` (:func:`~nnunet_mbls.benchmark.results.failure_detection`).
+
+    Returns:
+        Markdown lines; [] when ``failure`` is empty. Trainers with fewer than 2 usable cases are left out.
+    """
     if not failure:
         return []
     out = ["## Failure detection: does the uncertainty of a case flag its poor segmentation?", "",
@@ -94,6 +137,7 @@ def failure_markdown(failure: dict) -> list[str]:
            "| trainer | score | stage | cases (failures) | AURC | E-AURC | AUROC |", "|---|---|---|---|---|---|---|"]
 
     def ci(stat: dict) -> str:
+        """``value [low, high]``, or ``n/a`` when the value is undefined."""
         value = stat["value"]
         return "n/a" if value is None or math.isnan(value) else f"{value:.4f} [{stat['low']:.4f}, {stat['high']:.4f}]"
 
@@ -109,6 +153,16 @@ def failure_markdown(failure: dict) -> list[str]:
 
 
 def csv_text(results: dict) -> str:
+    """The text of ``results.csv``: one row per (trainer, stage, metric), then the failure-detection values.
+
+    Args:
+        results: the output of :func:`~nnunet_mbls.benchmark.results.build_results`.
+
+    Returns:
+        CSV text with the columns trainer, stage, metric, mean, std, n, diff_vs_baseline, diff_std, diff_n,
+        wins, p (failure-detection rows: the value, the interval's low and high as mean, std and n, and the
+        number of cases as diff_n).
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["trainer", "stage", "metric", "mean", "std", "n", "diff_vs_baseline", "diff_std", "diff_n", "wins", "p"])
@@ -130,7 +184,16 @@ def csv_text(results: dict) -> str:
 
 
 def plot_risk_coverage_of(results: dict, path: Path, dataset: str) -> None:
-    """risk_coverage.png: every trainer's risk-coverage curve for both entropy scores, as trained."""
+    """risk_coverage.png: every trainer's risk-coverage curve for both entropy scores, as trained.
+
+    Cases with NaN Dice or score are left out; a curve needs at least 2 cases, and nothing is written
+    when no curve has them.
+
+    Args:
+        results: the output of :func:`~nnunet_mbls.benchmark.results.build_results` (its ``case_rows``).
+        path: the PNG to write.
+        dataset: the dataset name, for the title.
+    """
     from .cases import SCORES
     from .failure import plot_risk_coverage, risk_coverage
 
@@ -147,6 +210,13 @@ def plot_risk_coverage_of(results: dict, path: Path, dataset: str) -> None:
 
 
 def plot_scatter(results: dict, path: Path, dataset: str) -> None:
+    """ece_vs_dice.png: foreground ECE against Dice per case (dots) and per trainer mean (diamonds), as trained.
+
+    Args:
+        results: the output of :func:`~nnunet_mbls.benchmark.results.build_results` (its ``per_case``).
+        path: the PNG to write (atomically).
+        dataset: the dataset name, for the title.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -171,8 +241,21 @@ def plot_scatter(results: dict, path: Path, dataset: str) -> None:
 
 
 def write_results(dataset: str, results: dict, out_folder: Path, description: str = "") -> Path:
-    """results.{md,csv,json}, cases.csv, reliability.png (all trainers overlaid), ece_vs_dice.png and
-    risk_coverage.png."""
+    """Write results.{md,csv,json}, cases.csv, reliability.png (all trainers overlaid), ece_vs_dice.png and
+    risk_coverage.png.
+
+    reliability.png and ece_vs_dice.png are drawn only when some trainer has a reliability curve;
+    risk_coverage.png only when some curve has 2 cases (see :func:`plot_risk_coverage_of`).
+
+    Args:
+        dataset: the dataset name.
+        results: the output of :func:`~nnunet_mbls.benchmark.results.build_results`.
+        out_folder: the folder to write into (created if needed).
+        description: the dataset's description, for ``results.md``.
+
+    Returns:
+        The path of ``results.md``.
+    """
     from ..calibration.reliability import plot_reliability
     from .cases import write_cases_csv
 

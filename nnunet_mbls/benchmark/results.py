@@ -39,7 +39,15 @@ HIGHER_IS_BETTER = {m: m == "dice" for m in METRICS}
 
 
 def case_values(evaluation: dict) -> dict[str, dict[str, float]]:
-    """case -> metric -> value; Dice and HD95 are averaged over the foreground classes of the case."""
+    """case -> metric -> value; Dice and HD95 are averaged over the foreground classes of the case.
+
+    Args:
+        evaluation: an evaluation record (``evaluation_before.json``/``evaluation_after.json``) with ``per_case``.
+
+    Returns:
+        case -> {dice, hd95, ece, ece_adaptive, mce, cece, nll, brier}; NaN for a missing metric, and for
+        Dice/HD95 when every class is NaN.
+    """
     out = {}
     for case, m in evaluation["per_case"].items():
         row = {k: float(m.get(k, math.nan)) for k in ("ece", "ece_adaptive", "mce", "cece", "nll", "brier")}
@@ -51,7 +59,16 @@ def case_values(evaluation: dict) -> dict[str, dict[str, float]]:
 
 
 def load_cell(cell: Cell) -> dict | None:
-    """The calibration outputs of one cell, or None when its calibration step has not run."""
+    """The calibration outputs of one cell, or None when its calibration step has not run.
+
+    Args:
+        cell: the cell.
+
+    Returns:
+        ``temperature``, ``cases`` (stage -> case -> metrics, with ``ece_boundary`` where the case rows
+        exist), ``case_rows`` (:func:`~nnunet_mbls.benchmark.cases.cell_case_rows`) and ``reliability``
+        (stage -> curve); None without ``calibration.json``.
+    """
     from .cases import cell_case_rows
 
     fold = FoldFolder.at(cell.folder)
@@ -73,9 +90,21 @@ def load_cell(cell: Cell) -> dict | None:
 
 
 def shared_stages(done: list[tuple[Cell, dict]], vector: bool, device: str) -> dict[str, dict]:
-    """Stage -> {"cases": case -> metrics, ...} for one temperature (and optionally one vector scaling) shared
-    by a trainer's finished folds, fitted on their pooled out-of-fold cases; {} with fewer than 2 folds or
-    without their validation probabilities. Nothing is written into the folds (the benchmark only measures)."""
+    """The ``shared`` (and ``vector``) stages: one temperature (and optionally one vector scaling) shared by a
+    trainer's finished folds, fitted on their pooled out-of-fold cases.
+
+    Nothing is written into the folds (the benchmark only measures).
+
+    Args:
+        done: (cell, :func:`load_cell` output) of each finished fold of one trainer.
+        vector: also fit and evaluate vector scaling (without the fallback to temperature).
+        device: the device of the vector-scaling fit.
+
+    Returns:
+        Stage -> {"cases": case -> metrics, ...} (``shared`` also holds ``temperature``; ``vector`` its
+        ``method`` and ``vector_scaling``); {} with fewer than 2 folds or without their validation
+        probabilities.
+    """
     from ..calibration.folds import calibrate_vector, fit_temperature_on, gt_folder_for, plans_of
 
     folders = [c.folder for c, _ in done]
@@ -94,6 +123,14 @@ def shared_stages(done: list[tuple[Cell, dict]], vector: bool, device: str) -> d
 
 
 def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """Mean and sample standard deviation over the non-NaN values.
+
+    Args:
+        values: one value per case (NaN for undefined).
+
+    Returns:
+        ``(mean, std, n)``: std with ddof=1 (NaN for n = 1); ``(nan, nan, 0)`` without a value.
+    """
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return math.nan, math.nan, 0
@@ -101,7 +138,18 @@ def mean_std(values: list[float]) -> tuple[float, float, int]:
 
 
 def paired(a: dict[str, float], b: dict[str, float], higher_is_better: bool) -> dict:
-    """Difference a − b over common cases: mean, std, n, wins of a, Wilcoxon p."""
+    """Difference a − b over common cases: mean, std, n, wins of a, Wilcoxon p.
+
+    Args:
+        a: case -> value of the trainer.
+        b: case -> value of the baseline.
+        higher_is_better: whether a win is a positive difference (Dice) or a negative one.
+
+    Returns:
+        ``{"mean", "std", "n", "wins", "p"}`` over the cases where both values are defined: std with ddof=1
+        (NaN for n = 1), p the two-sided Wilcoxon signed-rank p-value (NaN with fewer than 2 cases or all
+        differences 0); mean, std and p NaN and n 0 without a common case.
+    """
     from scipy.stats import wilcoxon
 
     common = [c for c in a if c in b and not math.isnan(a[c]) and not math.isnan(b[c])]
@@ -115,7 +163,15 @@ def paired(a: dict[str, float], b: dict[str, float], higher_is_better: bool) -> 
 
 
 def pooled_reliability(curves: list[dict]) -> dict:
-    """Sum per-bin counts over folds; confidence/accuracy become count-weighted means."""
+    """Sum per-bin counts over folds; confidence/accuracy become count-weighted means.
+
+    Args:
+        curves: non-empty list of reliability curves with the same bins (one per fold).
+
+    Returns:
+        One curve: the first curve's ``bin_lower``/``bin_upper``, summed ``count``, weighted ``confidence`` and
+        ``accuracy`` (NaN where the summed count is 0).
+    """
     count = np.sum([np.asarray(c["count"], float) for c in curves], axis=0)
     out = {"bin_lower": curves[0]["bin_lower"], "bin_upper": curves[0]["bin_upper"], "count": count}
     for key in ("confidence", "accuracy"):
@@ -125,7 +181,20 @@ def pooled_reliability(curves: list[dict]) -> dict:
 
 
 def build_results(cells: list[Cell], baseline: str | None, vector: bool = False, device: str = "cpu") -> dict:
-    """Aggregate one dataset's cells into rows per trainer (see the module docstring)."""
+    """Aggregate one dataset's cells into rows per trainer (see the module docstring).
+
+    Args:
+        cells: the cells of one dataset; unfinished ones are listed as missing.
+        baseline: the trainer the others are compared with (paired differences, τ of failure detection);
+            None or absent: no paired differences, and τ comes from the first trainer.
+        vector: add the ``vector`` stage (default False).
+        device: the device of the vector-scaling fit (default ``"cpu"``).
+
+    Returns:
+        ``baseline``, ``rows`` (trainer -> folds, temperatures, per stage and metric ``{mean, std, n}``, and
+        ``<metric>_<stage>_vs_baseline``), ``missing_cells``, ``per_case``, ``reliability`` (pooled, as
+        trained), ``case_rows`` and ``failure_detection``.
+    """
     by_trainer: dict[str, list[tuple[Cell, dict | None]]] = defaultdict(list)
     for cell in cells:
         by_trainer[cell.trainer].append((cell, load_cell(cell)))
@@ -172,7 +241,17 @@ def build_results(cells: list[Cell], baseline: str | None, vector: bool = False,
 
 def failure_detection(case_rows: list[dict], baseline: str | None) -> dict:
     """Per trainer: AURC, E-AURC and AUROC (with bootstrap intervals) of each uncertainty score, before and
-    after temperature scaling, on the cases with a defined Dice; τ from the baseline trainer's Dice."""
+    after temperature scaling, on the cases with a defined Dice; τ from the baseline trainer's Dice.
+
+    Args:
+        case_rows: the rows of :func:`~nnunet_mbls.benchmark.cases.cell_case_rows` of every cell.
+        baseline: the trainer whose Dice gives τ; when it has no case, the first trainer's is used.
+
+    Returns:
+        ``tau``, ``tau_from`` (a sentence) and trainer ->
+        :func:`~nnunet_mbls.benchmark.failure.summarise_failure_detection` output (or ``n_cases`` and a
+        ``note`` with fewer than 2 cases whose every score is defined); {} without rows.
+    """
     from .cases import SCORE_STAGES, SCORES
     from .failure import default_tau, summarise_failure_detection
 

@@ -13,12 +13,21 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..errors import NnunetMblsError
 from .grid import Cell, make_grid
 from .report import write_results
 from .results import build_results
 
 
 def dataset_description(dataset: str) -> str:
+    """The ``description`` of the dataset's preprocessed ``dataset.json``.
+
+    Args:
+        dataset: the ``DatasetXXX_Name``.
+
+    Returns:
+        The description; "" when ``nnUNet_preprocessed`` is unset or the file or key is missing.
+    """
     from nnunetv2.paths import nnUNet_preprocessed
 
     path = Path(nnUNet_preprocessed) / dataset / "dataset.json" if nnUNet_preprocessed else None
@@ -29,7 +38,17 @@ def dataset_description(dataset: str) -> str:
 
 def prepare_cell(cell: Cell, train: bool, device: str, epochs: int | None, iterations: int | None,
                  logs: Path, log: Callable[[str], None]) -> None:
-    """Train (if asked and unfinished) and calibrate (if missing) one cell."""
+    """Train (if asked and unfinished) and calibrate (if missing) one cell.
+
+    Args:
+        cell: the cell.
+        train: train an untrained cell; without it an untrained cell is only logged.
+        device: the device of training and calibration.
+        epochs: epochs of training; None keeps the trainer's.
+        iterations: iterations per epoch; None keeps the trainer's.
+        logs: folder of nnU-Net's console output, one file per cell (created when training).
+        log: called with one progress line at a time.
+    """
     from ..calibration.folds import calibrate_trained_model
     from .training import train_cell
 
@@ -48,7 +67,7 @@ def prepare_cell(cell: Cell, train: bool, device: str, epochs: int | None, itera
         calibrate_trained_model(cell.dataset, cell.configuration, cell.fold, cell.trainer, cell.plans, device=device)
 
 
-class BenchmarkCellsFailed(RuntimeError):
+class BenchmarkCellsFailed(NnunetMblsError, RuntimeError):
     """Some cells failed; the others were done and the tables written (``written``: dataset -> results.md)."""
 
     def __init__(self, failures: list[str], written: dict[str, Path]) -> None:
@@ -72,12 +91,34 @@ def run_benchmark(
     log: Callable[[str], None] = print,
     vector_scaling: bool = False,
 ) -> dict[str, Path]:
-    """Run the benchmark; returns dataset name -> results.md path.
+    """Run the benchmark over the grid datasets × folds × trainers of one configuration.
 
     A cell that fails (training, or a calibration step) is logged and skipped, so one bad fold does not stop
-    a grid; the tables are written from the finished cells and :class:`BenchmarkCellsFailed` is raised at
-    the end. Running the same command again resumes: a trained fold whose calibration step failed is only
-    calibrated, never trained again.
+    a grid; the tables are written from the finished cells. Running the same command again resumes: a
+    trained fold whose calibration step failed is only calibrated, never trained again.
+
+    Args:
+        datasets: dataset ids or names.
+        configuration: the nnU-Net configuration.
+        folds: the folds.
+        trainers: the trainer class names.
+        plans: the plans identifier (default ``nnUNetPlans``).
+        train: train untrained cells (default False: only calibrate and tabulate).
+        collect_only: skip training and calibration, only tabulate (and report the missing cells).
+        baseline: the trainer the others are compared with (default ``nnUNetTrainer``).
+        out: the output folder; each dataset's tables go to ``<out>/<dataset>/`` (default ``benchmark``).
+        device: the device of training and calibration (default ``"cuda"``).
+        epochs: epochs per training; None keeps the trainer's.
+        iterations: iterations per epoch; None keeps the trainer's.
+        log: called with one progress line at a time (default ``print``).
+        vector_scaling: add the shared vector-scaling stage (default False).
+
+    Returns:
+        Dataset name -> path of its ``results.md``.
+
+    Raises:
+        BenchmarkCellsFailed: at the end, when some cell failed (the tables are written nevertheless; its
+            ``written`` holds the paths).
     """
     cells = make_grid(datasets, configuration, folds, trainers, plans)
     out = Path(out)

@@ -23,6 +23,14 @@ def train_cell(cell: Cell, device: str = "cuda", epochs: int | None = None, iter
     override the trainer's budget (the demo's short schedule); None keeps the trainer's own.
     nnU-Net's console output goes to ``log_file`` (its training log is written as usual) and a
     progress bar over epochs is shown instead.
+
+    Args:
+        cell: the cell to train; nothing happens when it is trained already.
+        device: the torch device (default ``"cuda"``).
+        epochs: number of epochs; None keeps the trainer's own.
+        iterations: training iterations per epoch (validation iterations become max(1, iterations // 2));
+            None keeps the trainer's own.
+        log_file: file nnU-Net's console output is appended to; None discards it.
     """
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
@@ -44,6 +52,7 @@ def train_cell(cell: Cell, device: str = "cuda", epochs: int | None = None, iter
         on_epoch_end = trainer.on_epoch_end
 
         def on_epoch_end_with_progress():
+            """nnU-Net's ``on_epoch_end``, then one step of the progress bar with the EMA pseudo Dice."""
             on_epoch_end()
             bar.update(1)
             bar.set_postfix(pseudo_dice=f"{trainer.logger.get_value('ema_fg_dice', step=-1):.3f}")

@@ -18,14 +18,37 @@ CHUNK_VOXELS = 2**21
 
 
 def check_positive_int(name: str, value: object, example: int) -> int:
-    """Return ``value`` as int, or raise ValueError naming ``name`` unless it is an integer >= 1."""
+    """Validate a count argument that must be an integer >= 1.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value given (a Python or numpy integer; bool is refused).
+        example: a valid value to suggest in the message.
+
+    Returns:
+        ``value`` as an int.
+
+    Raises:
+        ValueError: naming ``name``, the value and ``example`` unless ``value`` is an integer >= 1.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}; pass e.g. {name}={example}")
     return int(value)
 
 
 def as_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
-    """Return ``x`` as a tensor (numpy arrays are wrapped without a copy)."""
+    """Return ``x`` as a tensor (numpy arrays are wrapped without a copy).
+
+    Args:
+        x: a torch tensor (returned as is) or a numpy array, any shape.
+        name: the argument's name, for the message.
+
+    Returns:
+        A tensor of the same shape and dtype, sharing memory with ``x``.
+
+    Raises:
+        ValueError: naming ``name`` when ``x`` is neither a torch.Tensor nor a numpy.ndarray.
+    """
     if isinstance(x, Tensor):
         return x
     if isinstance(x, np.ndarray):
@@ -45,6 +68,11 @@ def flatten_case(
 
     Returns:
         probs (C, V), target (V,) and mask (V,) or None, target and mask on ``probs.device``.
+
+    Raises:
+        ValueError: an input is neither a tensor nor a numpy array; ``probs`` is not floating point or has
+            no class axis; ``target``'s shape is not ``probs``' spatial shape or its dtype is not integer;
+            ``mask``'s shape differs from ``target``'s or its dtype is not bool.
     """
     probs, target = as_tensor(probs, "probs"), as_tensor(target, "target")
     if not probs.is_floating_point():
@@ -76,10 +104,20 @@ def flatten_case(
 def iter_chunks(
     probs: Tensor, target: Tensor, mask: Tensor | None, chunk_voxels: int = CHUNK_VOXELS
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield checked ``(probs (C, n), target (n,) int64)`` chunks of the masked voxels, n <= chunk_voxels.
+    """Yield checked chunks of the masked voxels; chunks without a masked voxel are skipped.
 
-    Inputs are the flat outputs of :func:`flatten_case`. Raises ValueError on non-finite
-    probabilities, values outside [0, 1] or labels outside [0, C) among the masked voxels.
+    Args:
+        probs: (C, V) flat probabilities, as returned by :func:`flatten_case`.
+        target: (V,) integer labels, as returned by :func:`flatten_case`.
+        mask: (V,) bool, or None for every voxel.
+        chunk_voxels: voxels read per chunk (default :data:`CHUNK_VOXELS`).
+
+    Yields:
+        ``(probs (C, n), target (n,) int64)`` of the masked voxels of one chunk, n <= chunk_voxels.
+
+    Raises:
+        ValueError: on non-finite probabilities, values outside [0, 1] or labels outside [0, C) among the
+            masked voxels (raised when the offending chunk is reached).
     """
     c, v = probs.shape
     for start in range(0, v, chunk_voxels):
@@ -95,9 +133,15 @@ def iter_chunks(
 
 
 def check_probs(p: Tensor) -> None:
-    """Raise ValueError unless the probabilities ``p`` (any shape) are finite and in [0, 1].
+    """Check that probabilities are finite and in [0, 1].
 
     One ``aminmax`` pass: NaN propagates into both results and ±Inf lands in one of them.
+
+    Args:
+        p: probabilities, any shape, non-empty.
+
+    Raises:
+        ValueError: ``p`` holds NaN/Inf, a value < 0, or a value > 1 + 1e-3 (the message suggests softmax).
     """
     lo, hi = (float(v) for v in torch.aminmax(p))
     if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -110,7 +154,15 @@ def check_probs(p: Tensor) -> None:
 
 
 def check_labels(t: Tensor, num_classes: int) -> None:
-    """Raise ValueError naming the offending values unless every label in ``t`` lies in [0, num_classes)."""
+    """Check that every label lies in [0, num_classes).
+
+    Args:
+        t: integer labels, any shape, non-empty.
+        num_classes: C.
+
+    Raises:
+        ValueError: naming up to 10 offending values when a label is < 0 or >= ``num_classes``.
+    """
     lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= num_classes:
         values = torch.unique(t[(t < 0) | (t >= num_classes)])[:10].tolist()

@@ -25,6 +25,19 @@ def fold_temperature_into_checkpoint(
 
     :func:`fold_logit_affine_into_checkpoint` with scale 1/T and bias 0.
     ``checkpoint['mbls_temperature']`` records the total temperature (T times any already recorded).
+
+    Args:
+        src: the trained checkpoint (e.g. ``checkpoint_final.pth``); never modified.
+        dst: the file to write; must differ from ``src``.
+        T: temperature, a finite number > 0.
+        overwrite: replace an existing ``dst`` (default False).
+
+    Returns:
+        The modified state-dict keys (the head's weight, and its bias when it has one).
+
+    Raises:
+        ValueError: ``T`` is not a finite number > 0, or as :func:`fold_logit_affine_into_checkpoint`.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
     """
     T = _check_temperature(T)
     return fold_logit_affine_into_checkpoint(src, dst, 1.0 / T, 0.0, overwrite=overwrite, temperature=T)
@@ -53,10 +66,22 @@ def fold_logit_affine_into_checkpoint(
     recorded) goes to ``checkpoint['mbls_temperature']``.
 
     Args:
-        scale, bias: a number, or one value per class (C,); scale > 0.
+        src: the nnU-Net v2 checkpoint to copy; never modified.
+        dst: the file to write (atomically); must differ from ``src`` and is only replaced when ``overwrite``
+            is True.
+        scale, bias: a number, or one value per class (C,); scale > 0; bias defaults to 0.
+        overwrite: replace an existing ``dst`` (default False).
+        temperature: the temperature this map stands for, recorded in ``checkpoint['mbls_temperature']``;
+            None (default) records none.
 
-    Returns the modified state-dict keys. ``src`` is never modified; ``dst`` must differ from it and is
-    only replaced when ``overwrite`` is True. Raises ValueError when the checkpoint has no such head.
+    Returns:
+        The modified state-dict keys (the head's weight, and its bias when it has one).
+
+    Raises:
+        ValueError: ``dst`` is ``src``; the checkpoint has no ``network_weights`` state dict or no such head;
+            ``scale``/``bias`` is neither one finite number nor C finite values; a scale is <= 0; the head
+            has no bias and ``bias`` is nonzero.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
     """
     src, dst = Path(src), Path(dst)
     if dst.resolve() == src.resolve():

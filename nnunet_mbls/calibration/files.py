@@ -17,7 +17,18 @@ from .temperature import apply_temperature
 
 
 def check_temperature_value(value: object, source: str) -> float:
-    """``value`` as a float T > 0, or InputError naming ``source`` (the argument or file it came from)."""
+    """Validate a temperature given by the user or read from a file.
+
+    Args:
+        value: the temperature (an int or float; bool is refused).
+        source: the argument or file it came from, for the message (e.g. ``"-t"``).
+
+    Returns:
+        ``value`` as a float T > 0.
+
+    Raises:
+        InputError: naming ``source`` unless ``value`` is a finite number > 0.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise InputError(f"{source}: temperature {value!r} is invalid; T must be a finite number > 0 (e.g. 1.5)")
     return float(value)
@@ -27,6 +38,15 @@ def read_calibration_temperature(calibration_json: str | os.PathLike, key: str =
                                  fallback: str | None = None, argument: str = "--calibration-json") -> float:
     """The temperature ``key`` (else ``fallback`` where ``key`` is absent or null) of a ``calibration.json``
     written by ``nnunet-mbls calibrate`` or our trainers.
+
+    Args:
+        calibration_json: the file to read.
+        key: the entry holding T (default ``"temperature"``).
+        fallback: the entry to read instead where ``key`` is absent or null; None (default) for none.
+        argument: the argument or description of the file, for messages (default ``"--calibration-json"``).
+
+    Returns:
+        T as a float > 0.
 
     Raises:
         InputError: naming ``argument`` and the file when it is missing, not JSON, not an object, or lacks a valid T.
@@ -53,9 +73,21 @@ def apply_temperature_to_folder(
     checked (:func:`~nnunet_mbls.probabilities.check_probabilities`) and the output is staged: on bad
     input nothing is written, so the same command succeeds once the input is repaired.
 
+    Args:
+        input_folder: folder of nnU-Net ``.npz`` (+ ``.pkl``) probability files.
+        output_folder: where the scaled files go; must not be (or lie in) ``input_folder``, and must not hold
+            files of the same names (nothing is overwritten).
+        temperature: T > 0; pass exactly one of ``temperature`` and ``calibration_json``.
+        calibration_json: a ``calibration.json`` whose ``temperature`` is used.
+
+    Returns:
+        The written ``.npz`` paths, in ``output_folder``, in sorted order.
+
     Raises:
-        InputError: bad T, an output folder inside (or equal to) the input folder, existing files in the
-            output folder, or a probability file that cannot be used (naming the case and the file).
+        InputError: not exactly one of ``temperature`` and ``calibration_json``, bad T, an input folder that is
+            not a folder or holds no ``.npz``, existing files in the output folder, or a probability file that
+            cannot be used (naming the case and the file), or an output folder inside (or equal to) the input
+            folder or equal to ``calibration_json`` (:func:`~nnunet_mbls.io.refuse_outputs_over_inputs`).
     """
     src, dst = Path(input_folder), Path(output_folder)
     if (temperature is None) == (calibration_json is None):
@@ -83,6 +115,7 @@ def apply_temperature_to_folder(
             arrays["probabilities"] = apply_temperature(probabilities, temperature)
 
             def write(tmp: str) -> None:
+                """Save ``arrays`` to ``tmp`` as a compressed ``.npz``."""
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **arrays)
 

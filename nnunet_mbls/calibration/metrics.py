@@ -47,7 +47,15 @@ ADAPTIVE_TAIL_END = 24
 
 
 def bin_index(p: Tensor, n_bins: int) -> Tensor:
-    """Bin of each probability: clamp(ceil(p * n_bins) - 1, 0, n_bins - 1) as int64, same shape as ``p``."""
+    """Bin of each probability: clamp(ceil(p * n_bins) - 1, 0, n_bins - 1), i.e. (lower, upper] bins.
+
+    Args:
+        p: probabilities, any shape, float.
+        n_bins: number of equal-width bins over [0, 1].
+
+    Returns:
+        int64 tensor of the same shape as ``p``, values in [0, n_bins).
+    """
     return _float_bin_index(p, n_bins).long()
 
 
@@ -114,6 +122,7 @@ class CalibrationAccumulator:
 
     @property
     def device(self) -> torch.device:
+        """The device of the states (that of the last ``update`` input; CPU before the first)."""
         return self._states["n_voxels"].device
 
     def update(self, probs: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
@@ -125,6 +134,11 @@ class CalibrationAccumulator:
             mask: (*spatial) bool, voxels to include; None includes all.
 
         The input is validated chunk by chunk; on a ValueError the states are left unchanged.
+
+        Raises:
+            ValueError: ``probs`` does not have ``num_classes`` channels; the shapes or dtypes do not fit
+                (see :func:`~nnunet_mbls.calibration._inputs.flatten_case`); a probability is non-finite or
+                outside [0, 1], or a label outside [0, C), among the included voxels.
         """
         p_flat, t_flat, m_flat = flatten_case(probs, target, mask)
         if p_flat.shape[0] != self.num_classes:
@@ -216,8 +230,7 @@ class CalibrationAccumulator:
         return np.searchsorted(edges, np.cumsum(count) - count / 2, side="right"), edges
 
     def compute(self) -> dict[str, float | int]:
-        """Return ``ece``, ``cece``, ``nll``, ``brier``, ``mce``, ``ece_adaptive`` (floats, NaN when no voxel)
-        and ``n_voxels`` (int).
+        """The metrics of everything added so far (the states are not changed).
 
         ECE = sum_b (n_b / N) |acc_b - conf_b| over top-label bins. CECE = mean over all C classes k of
         sum_b (n_kb / N) |freq_kb - conf_kb| (classwise ECE of Kull et al.; the authors' code averages
@@ -242,6 +255,10 @@ class CalibrationAccumulator:
         or label-smoothing-like data; with confidences near 1 (a third within 2**-13 of 1) <= 1.1e-6 on
         2e6 voxels, <= 1e-5 on 2e5 (10 draws), <= 1e-4 on 2e4 (30 draws); <= 4.4e-6 (1e-4 of the value)
         on the foreground of eight 2-D nnU-Net validation cases of about 2000 voxels each.
+
+        Returns:
+            ``ece``, ``cece``, ``nll``, ``brier``, ``mce``, ``ece_adaptive`` (floats, NaN when no voxel was
+            added) and ``n_voxels`` (int).
         """
         s = {k: v.detach().cpu() for k, v in self._states.items()}
         n = float(s["n_voxels"])
@@ -262,13 +279,16 @@ class CalibrationAccumulator:
     def adaptive_reliability(self) -> dict[str, np.ndarray | float]:
         """Equal-mass top-label reliability curve and the error bound of ``ece_adaptive``.
 
-        Returns ``bin_lower``, ``bin_upper`` (nominal confidence range of the fine bins in each bin), mean
-        ``confidence`` and ``accuracy`` (NaN where empty) and ``count``, each (n_bins,) float64 (usable with
-        :func:`plot_reliability`); ``ece`` (= ``compute()["ece_adaptive"]``) and ``max_error``: an upper
-        bound on |ece - exact equal-mass ECE| for any order of the voxels inside a fine bin (0 when no
-        fine bin straddles a bin boundary; NaN when empty). For each fine bin with count c, hits h and
-        confidences in [lo, hi], the m of its voxels that the exact split puts into another bin than the
-        chosen one add at most 2 * max(min(m, h) - m * lo, m * hi - max(0, m - (c - h))) / N.
+        For each fine bin with count c, hits h and confidences in [lo, hi], the m of its voxels that the
+        exact split puts into another bin than the chosen one add at most
+        2 * max(min(m, h) - m * lo, m * hi - max(0, m - (c - h))) / N to ``max_error``.
+
+        Returns:
+            ``bin_lower``, ``bin_upper`` (nominal confidence range of the fine bins in each bin), mean
+            ``confidence`` and ``accuracy`` (NaN where empty) and ``count``, each (n_bins,) float64 (usable with
+            :func:`plot_reliability`); ``ece`` (= ``compute()["ece_adaptive"]``) and ``max_error``: an upper
+            bound on |ece - exact equal-mass ECE| for any order of the voxels inside a fine bin (0 when no
+            fine bin straddles a bin boundary; NaN when empty).
         """
         s = {k: v.detach().cpu().numpy() for k, v in self._states.items()}
         count, hits, conf_sum = s["fine_count"], s["fine_acc"], s["fine_conf"]
@@ -304,8 +324,12 @@ class CalibrationAccumulator:
                 "count": g_count, "ece": ece, "max_error": bound / n}
 
     def reliability(self) -> dict[str, np.ndarray]:
-        """Top-label reliability curve: ``bin_lower``, ``bin_upper``, mean ``confidence`` and ``accuracy``
-        per bin (NaN where the bin is empty) and ``count``, each of shape (n_bins,)."""
+        """Top-label reliability curve of the ``n_bins`` equal-width bins.
+
+        Returns:
+            ``bin_lower``, ``bin_upper``, mean ``confidence`` and ``accuracy`` per bin (NaN where the bin is
+            empty) and ``count``, each of shape (n_bins,) (usable with :func:`plot_reliability`).
+        """
         count = self._states["top_count"].detach().cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):
             conf = np.where(count > 0, self._states["top_conf"].detach().cpu().numpy() / count, np.nan)
@@ -314,7 +338,19 @@ class CalibrationAccumulator:
         return {"bin_lower": edges[:-1], "bin_upper": edges[1:], "confidence": conf, "accuracy": acc, "count": count}
 
     def merge(self, other: "CalibrationAccumulator") -> "CalibrationAccumulator":
-        """Add the states of ``other`` (same num_classes and n_bins) into this one; returns self."""
+        """Add the states of ``other`` into this one (pooling their voxels); ``a += b`` does the same.
+
+        Args:
+            other: an accumulator with the same ``num_classes`` and ``n_bins``; its states are moved to this
+                one's device for the sum and are not changed.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: ``other`` is not a :class:`CalibrationAccumulator`, or its ``num_classes``/``n_bins``
+                differ.
+        """
         if not isinstance(other, CalibrationAccumulator):
             raise ValueError(f"other must be a CalibrationAccumulator, got {type(other).__name__}")
         if (other.num_classes, other.n_bins) != (self.num_classes, self.n_bins):
@@ -338,11 +374,23 @@ class CalibrationAccumulator:
 
         For DDP: ``for t in acc.state_tensors(): dist.all_reduce(t, op=SUM)`` after the last update
         (an update on another device moves the states, so fetch the list right before reducing).
+
+        Returns:
+            12 float64 tensors (shapes in the class docstring), on :attr:`device`.
         """
         return [self._states[k] for k in self.STATE_NAMES]
 
     def load_state_tensors(self, tensors: Sequence[Tensor]) -> None:
-        """Replace the states with copies of ``tensors`` (as returned by :meth:`state_tensors`)."""
+        """Replace the states with copies of ``tensors`` (as returned by :meth:`state_tensors`).
+
+        Args:
+            tensors: one tensor per name of :attr:`STATE_NAMES`, in that order, of the shapes this accumulator's
+                ``num_classes`` and ``n_bins`` give; copied as float64 onto the device of ``tensors[0]``.
+
+        Raises:
+            ValueError: the number of tensors differs from ``len(STATE_NAMES)``, or a tensor has the wrong shape
+                (saved with other ``num_classes``/``n_bins``); the states are then unchanged.
+        """
         if len(tensors) != len(self.STATE_NAMES):
             raise ValueError(
                 f"expected {len(self.STATE_NAMES)} tensors ({', '.join(self.STATE_NAMES)}), got {len(tensors)}"
@@ -361,10 +409,20 @@ class CalibrationAccumulator:
 def aggregate(per_case: Sequence[dict], keys: Sequence[str] = METRIC_KEYS) -> dict[str, float | int]:
     """Mean over cases of per-case metric dicts ("per case then mean over cases", the paper's mode).
 
-    For each key: ``key`` = mean over cases ignoring NaN (a case with no voxel in the region),
-    ``key_std`` = sample standard deviation (ddof=1; NaN with fewer than 2 values), ``key_n`` = number
-    of non-NaN cases. Also ``n_cases`` and ``n_voxels`` (total, when the dicts carry it).
     Contrast with "pooled": one accumulator over all voxels of all cases.
+
+    Args:
+        per_case: one dict per case, e.g. :meth:`CalibrationAccumulator.compute` outputs; a missing key
+            counts as NaN.
+        keys: the metrics to aggregate (default :data:`METRIC_KEYS`).
+
+    Returns:
+        For each key: ``key`` = mean over cases ignoring NaN (a case with no voxel in the region; NaN when
+        no case has a value), ``key_std`` = sample standard deviation (ddof=1; NaN with fewer than 2 values),
+        ``key_n`` = number of non-NaN cases. Also ``n_cases`` and ``n_voxels`` (total, when the dicts carry it).
+
+    Raises:
+        ValueError: ``per_case`` is empty.
     """
     if len(per_case) == 0:
         raise ValueError("per_case is empty: no case to aggregate; check that the prediction folder has files")

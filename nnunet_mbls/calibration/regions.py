@@ -36,7 +36,15 @@ def region_mask(
             exactly 1, which would flood an all-voxel metric. ``"fg"`` and ``"boundary"`` are left
             unrestricted on purpose, so ground truth outside the box still counts as a (certain) miss.
             None means the whole image.
-        boundary_width: band half-width in voxels, >= 1.
+        boundary_width: band half-width in voxels, >= 1 (default 2).
+
+    Returns:
+        (*spatial) bool mask: a numpy array for numpy input, a tensor on ``target``'s device for a tensor.
+
+    Raises:
+        ValueError: ``region`` is not one of :data:`~nnunet_mbls.defaults.REGIONS`; ``target`` does not hold
+            integer labels; for ``"all"``, ``crop_bbox`` is not [start, end) per axis within the image; for
+            ``"boundary"``, ``boundary_width`` is not an integer >= 1.
     """
     if region not in REGIONS:
         raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}")

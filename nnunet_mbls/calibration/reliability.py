@@ -31,7 +31,16 @@ def plot_reliability(
 
     Top panel: per-bin accuracy against mean confidence with the diagonal of perfect calibration; a
     single curve is drawn as bars over its bins, several as lines with markers. Bottom panel: voxels per
-    bin on a log scale. Uses the Agg canvas directly (no pyplot state, safe in worker processes).
+    bin on a log scale (linear when no curve has a voxel). Uses the Agg canvas directly (no pyplot state,
+    safe in worker processes).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: ``curves`` is empty, or a curve lacks one of ``bin_lower``, ``bin_upper``, ``confidence``,
+            ``accuracy``, ``count``.
+        OSError: the PNG cannot be written (``path`` is left untouched).
     """
     if not curves:
         raise ValueError("curves is empty; pass {name: accumulator.reliability()}")

@@ -48,7 +48,21 @@ class VoxelSubsampler:
     def add(
         self, probs: Tensor | np.ndarray, target: Tensor | np.ndarray, mask: Tensor | np.ndarray | None = None
     ) -> None:
-        """Offer the voxels of one case: probs (C, *spatial), target (*spatial) int, mask (*spatial) bool or None."""
+        """Offer the voxels of one case to the sample.
+
+        A bad chunk rejects the whole case: the sample and the generator are restored to their state before
+        the call, so the case can be offered again once repaired.
+
+        Args:
+            probs: (C, *spatial) probabilities.
+            target: (*spatial) integer labels in [0, C) wherever ``mask`` is True.
+            mask: (*spatial) bool, voxels to offer; None offers all.
+
+        Raises:
+            ValueError: ``probs`` has another number of classes than earlier cases; the shapes or dtypes do not
+                fit (see :func:`~nnunet_mbls.calibration._inputs.flatten_case`); a probability is non-finite or
+                outside [0, 1], or a label outside [0, C), among the offered voxels.
+        """
         p_flat, t_flat, m_flat = flatten_case(probs, target, mask)
         if self._num_classes is not None and p_flat.shape[0] != self._num_classes:
             raise ValueError(f"probs has {p_flat.shape[0]} classes but earlier cases had {self._num_classes}; "
@@ -94,7 +108,15 @@ class VoxelSubsampler:
         self._parts, self._rows = [(keys, logp, target)], keys.numel()
 
     def arrays(self) -> tuple[Tensor, Tensor]:
-        """Sampled ``log_probs`` (N, C) float32 (log of the given probabilities) and ``target`` (N,) int64."""
+        """The sample, as the inputs of :func:`~nnunet_mbls.calibration.temperature.fit_temperature`.
+
+        Returns:
+            ``log_probs`` (N, C) float32 (log of the given probabilities, -inf where p = 0) and ``target``
+            (N,) int64, N = min(voxels offered, ``max_voxels``), sorted by key when more were offered.
+
+        Raises:
+            ValueError: no voxel was added yet.
+        """
         if not self._parts:
             raise ValueError("no voxel was added; call add() with at least one non-empty case first")
         self._merge()
@@ -102,8 +124,13 @@ class VoxelSubsampler:
         return logp, target
 
     def candidates(self) -> SubsampleCandidates:
-        """The rows held (at most ``max_voxels``, sorted by key when more were offered) with their keys, as numpy
-        arrays, for :meth:`add_candidates` of another subsampler (e.g. in another process)."""
+        """The rows held with their keys, for :meth:`add_candidates` of another subsampler (e.g. in another
+        process).
+
+        Returns:
+            :class:`SubsampleCandidates` of numpy arrays: at most ``max_voxels`` rows, sorted by key when more
+            were offered, and ``n_seen``; empty arrays when nothing is held.
+        """
         if not self._rows:
             c = self._num_classes or 0
             return SubsampleCandidates(np.empty(0), np.empty((0, c), np.float32), np.empty(0, np.int64), self.n_seen)
@@ -116,6 +143,14 @@ class VoxelSubsampler:
 
         The result is the ``max_voxels`` rows with the smallest keys of everything offered to either, so a
         subsampler per case merged in any order keeps the same voxels as one fed every case (with the same keys).
+
+        Args:
+            candidates: keys (n,), log_probs (n, C), target (n,) and n_seen, as returned by :meth:`candidates`
+                or :func:`case_candidates`; ``n_seen`` is added to this subsampler's count even when n = 0.
+
+        Raises:
+            ValueError: the arrays do not have the shapes (n,), (n, C), (n,), or C differs from that of
+                earlier cases.
         """
         keys, logp, target = (torch.as_tensor(a) for a in candidates[:3])
         if keys.ndim != 1 or logp.ndim != 2 or tuple(target.shape) != tuple(keys.shape) or logp.shape[0] != keys.numel():
@@ -148,7 +183,15 @@ def case_seed(seed: int, case: str) -> int:
     """The seed of one case's sampling keys: the first 63 bits of sha256("<seed>:<case>").
 
     Depends on the seed and the case's name only, so a case's keys are the same whichever cases come with it,
-    in whatever order, in whichever process (see :func:`case_candidates`)."""
+    in whatever order, in whichever process (see :func:`case_candidates`).
+
+    Args:
+        seed: the subsample's seed (converted with ``int``).
+        case: the case name.
+
+    Returns:
+        A non-negative int below 2**63.
+    """
     return int.from_bytes(hashlib.sha256(f"{int(seed)}:{case}".encode()).digest()[:8], "little") >> 1
 
 
@@ -156,13 +199,28 @@ def case_candidates(case: str, probs: np.ndarray | Tensor, target: np.ndarray | 
                     mask: np.ndarray | Tensor | None, *, max_voxels: int, seed: int) -> SubsampleCandidates:
     """The candidates of one case for a temperature-fit subsample with per-case keys.
 
-    A :class:`VoxelSubsampler` seeded with :func:`case_seed` ``(seed, case)`` takes the case's voxels (probs (C,
-    *spatial), target (*spatial), mask (*spatial) bool or None) and keeps its ``max_voxels`` smallest keys;
-    :meth:`VoxelSubsampler.add_candidates` of every case then gives the ``max_voxels`` voxels with the smallest
-    keys of all cases: a uniform sample without replacement (the keys of all voxels are i.i.d. uniform),
-    deterministic for ``seed`` and the case names, and independent of the order the cases are merged in and of
-    the process that computed them. A plain function (picklable) for worker processes, e.g. with
-    ``functools.partial(case_candidates, max_voxels=..., seed=...)``.
+    A :class:`VoxelSubsampler` seeded with :func:`case_seed` ``(seed, case)`` takes the case's voxels and keeps
+    its ``max_voxels`` smallest keys; :meth:`VoxelSubsampler.add_candidates` of every case then gives the
+    ``max_voxels`` voxels with the smallest keys of all cases: a uniform sample without replacement (the keys of
+    all voxels are i.i.d. uniform), deterministic for ``seed`` and the case names, and independent of the order
+    the cases are merged in and of the process that computed them. A plain function (picklable) for worker
+    processes, e.g. with ``functools.partial(case_candidates, max_voxels=..., seed=...)``.
+
+    Args:
+        case: the case name (part of its keys' seed).
+        probs: (C, *spatial) probabilities.
+        target: (*spatial) integer labels.
+        mask: (*spatial) bool voxels to offer, or None for all.
+        max_voxels: the size of the final subsample, >= 1.
+        seed: the subsample's seed.
+
+    Returns:
+        :class:`SubsampleCandidates` of the case; with no voxel, empty arrays whose log_probs still have C
+        columns (for the shape check of :meth:`VoxelSubsampler.add_candidates`).
+
+    Raises:
+        ValueError: ``max_voxels`` is not an integer >= 1, or the case's arrays are invalid (see
+            :meth:`VoxelSubsampler.add`).
     """
     subsample = VoxelSubsampler(max_voxels=max_voxels, seed=case_seed(seed, case))
     subsample.add(torch.as_tensor(probs), torch.as_tensor(target), None if mask is None else torch.as_tensor(mask))

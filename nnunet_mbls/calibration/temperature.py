@@ -59,12 +59,20 @@ def fit_temperature(
             They are renormalised with log_softmax and floored at log(1e-12), the NLL metric's floor, so a
             voxel whose target probability is exactly 0 costs a bounded amount instead of infinity.
         target: (N,) integer labels in [0, C).
-        t_bounds: (T_min, T_max), 0 < T_min < T_max.
+        t_bounds: (T_min, T_max), 0 < T_min < T_max (default :data:`nnunet_mbls.defaults.T_BOUNDS`).
 
     The NLL is convex in beta = 1/T; this runs safeguarded Newton on beta (bisection in log beta whenever
     a Newton step leaves the bracket), float32 elementwise work with float64 sums, in row chunks.
-    Degenerate inputs return a bound: when every voxel is already correct the NLL keeps falling as T
-    shrinks, so T_min is returned; when the NLL is flat in T (e.g. C = 1) 1.0 (clipped to the bounds).
+
+    Returns:
+        T as a float in [T_min, T_max]. Degenerate inputs return a bound: when every voxel is already correct
+        the NLL keeps falling as T shrinks, so T_min is returned; when the NLL is flat in T (e.g. C = 1) 1.0
+        (clipped to the bounds).
+
+    Raises:
+        ValueError: ``t_bounds`` is not 0 < T_min < T_max < inf; an input is neither a tensor nor a numpy
+            array; ``log_probs`` is not a float (N, C) array with N >= 1, or holds NaN, +Inf or a row that is
+            -Inf everywhere; ``target`` is not integer labels of shape (N,), or holds a label outside [0, C).
     """
     t_lo, t_hi = (float(v) for v in t_bounds)
     if not (0 < t_lo < t_hi and math.isfinite(t_hi)):
@@ -112,12 +120,20 @@ def fit_temperature(
 
 
 def apply_temperature(probs: Tensor | np.ndarray, T: float) -> Tensor | np.ndarray:
-    """normalize(p ** (1/T)) over the class axis, computed as softmax(log p / T); same type, dtype and shape.
+    """normalize(p ** (1/T)) over the class axis, computed as softmax(log p / T).
+
+    Works chunk by chunk (float32, or float64 for float64 input); the input is not modified.
 
     Args:
-        probs: (C, *spatial) probabilities (e.g. an nnU-Net .npz ``probabilities`` array).
+        probs: (C, *spatial) probabilities (e.g. an nnU-Net .npz ``probabilities`` array), tensor or numpy.
         T: temperature > 0; T > 1 softens, T < 1 sharpens, argmax is unchanged and p = 0 stays 0.
-    Works chunk by chunk (float32, or float64 for float64 input); the input is not modified.
+
+    Returns:
+        The scaled probabilities: same type, dtype and shape as ``probs``.
+
+    Raises:
+        ValueError: ``T`` is not a finite number > 0; ``probs`` is neither a tensor nor a numpy array, not
+            floating point, or 0-d; ``probs`` holds NaN/Inf or values outside [0, 1].
     """
     T = _check_temperature(T)
     is_numpy = isinstance(probs, np.ndarray)

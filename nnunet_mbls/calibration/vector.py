@@ -33,16 +33,38 @@ def _check_rows(logits: Tensor, target: Tensor) -> None:
 
 
 def vector_nll(logits: Tensor, target: Tensor, scale: Tensor, bias: Tensor) -> float:
-    """Mean NLL of softmax(scale ⊙ logits + bias): logits (N, C), target (N,), scale and bias (C,)."""
+    """Mean NLL of softmax(scale ⊙ logits + bias), computed in float64.
+
+    Args:
+        logits: (N, C) voxel logits.
+        target: (N,) integer labels in [0, C).
+        scale: (C,) per-class scale.
+        bias: (C,) per-class bias.
+
+    Returns:
+        The mean NLL over the N voxels, a float.
+    """
     z = logits.double() * scale.double() + bias.double()
     return float(torch.nn.functional.cross_entropy(z, target.long()))
 
 
 def fit_vector_scaling(logits: Tensor, target: Tensor, max_iter: int = 100) -> tuple[Tensor, Tensor]:
-    """(scale (C,), bias (C,)) minimising the mean NLL of softmax(scale ⊙ logits + bias).
+    """Fit a per-class scale and bias minimising the mean NLL of softmax(scale ⊙ logits + bias).
 
     L-BFGS in float64 from temperature scaling's solution (scale 1/T, bias 0); the scale is kept positive
     as exp(log scale), and the bias of class 0 is fixed at 0 (softmax ignores a common shift).
+
+    Args:
+        logits: (N, C) voxel logits (never saved probabilities, see the module docstring).
+        target: (N,) integer labels in [0, C).
+        max_iter: L-BFGS iterations (default 100).
+
+    Returns:
+        ``(scale, bias)``, each (C,) float64; scale > 0, bias[0] = 0.
+
+    Raises:
+        ValueError: ``logits`` is not a float (N, C) tensor with N >= 1 or holds NaN/Inf; ``target`` is not
+            integer labels of shape (N,) (or, from the temperature fit, holds a label outside [0, C)).
     """
     _check_rows(logits, target)
     z, t = logits.double(), target.long()
@@ -54,6 +76,7 @@ def fit_vector_scaling(logits: Tensor, target: Tensor, max_iter: int = 100) -> t
                                   tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
+        """L-BFGS's closure: the NLL at the current parameters, after its backward pass."""
         optimizer.zero_grad()
         bias = torch.cat([free_bias.new_zeros(1), free_bias])
         loss = torch.nn.functional.cross_entropy(z * log_scale.exp() + bias, t)
@@ -68,11 +91,21 @@ def fit_vector_scaling(logits: Tensor, target: Tensor, max_iter: int = 100) -> t
 def choose_vector_or_temperature(logits: Tensor, target: Tensor, groups: Tensor) -> dict:
     """Cross-validated NLL of temperature and vector scaling over cases; vector only when it is lower.
 
-    Args:
-        logits: (N, C) voxel logits; target: (N,) labels; groups: (N,) case index of each voxel.
+    Cases are split into min(:data:`CV_SPLITS`, number of cases) folds in a fixed random order (seed 0); the
+    voxels of one case are never split between fitting and testing.
 
-    Returns a JSON-ready dict: ``chosen`` ("vector" or "temperature"), ``reason``, the held-out NLL of each
-    (voxel-weighted over the splits), the number of cases and splits.
+    Args:
+        logits: (N, C) voxel logits.
+        target: (N,) labels.
+        groups: (N,) case index of each voxel.
+
+    Returns:
+        A JSON-ready dict: ``chosen`` ("vector" or "temperature"), ``reason``, ``cv_nll`` (the held-out NLL of
+        each, voxel-weighted over the splits), ``cases`` and ``splits``. With fewer than 2 cases temperature
+        is kept without cross-validation (``splits`` 0, no ``cv_nll``).
+
+    Raises:
+        ValueError: ``logits``/``target`` are invalid (see :func:`fit_vector_scaling`).
     """
     _check_rows(logits, target)
     cases = torch.unique(groups)
@@ -100,7 +133,16 @@ def choose_vector_or_temperature(logits: Tensor, target: Tensor, groups: Tensor)
 
 
 def apply_vector_scaling(logits: np.ndarray | Tensor, scale, bias) -> np.ndarray | Tensor:
-    """scale ⊙ logits + bias over the class axis of (C, *spatial) logits (same type, float32)."""
+    """scale ⊙ logits + bias over the class axis, in float32.
+
+    Args:
+        logits: (C, *spatial) logits, numpy or tensor.
+        scale: (C,) per-class scale (anything ``torch.as_tensor`` takes).
+        bias: (C,) per-class bias (anything ``torch.as_tensor`` takes).
+
+    Returns:
+        (C, *spatial) float32 scaled logits, numpy for numpy input, else a tensor.
+    """
     is_numpy = isinstance(logits, np.ndarray)
     z = torch.as_tensor(logits).float()
     shape = (z.shape[0],) + (1,) * (z.ndim - 1)

@@ -27,7 +27,15 @@ def smooth_random_field(shape: Sequence[int], rng: np.random.Generator,
     """Smooth Gaussian-like random field of ``shape`` with zero mean and unit standard deviation.
 
     White noise on a coarse grid (one node per ``correlation`` voxels, per axis) upsampled with cubic
-    splines: cheap for any size and smooth over about ``correlation`` voxels. Returns float32, ``shape``.
+    splines: cheap for any size and smooth over about ``correlation`` voxels.
+
+    Args:
+        shape: output shape, any number of axes.
+        rng: the random generator.
+        correlation: correlation length in voxels, one number or one per axis.
+
+    Returns:
+        float32 array of ``shape`` (all zeros where the field comes out constant, e.g. a shape of ones).
     """
     shape = tuple(int(s) for s in shape)
     corr = np.broadcast_to(np.asarray(correlation, dtype=float), (len(shape),))
@@ -42,14 +50,34 @@ def smooth_random_field(shape: Sequence[int], rng: np.random.Generator,
 
 def bias_field(shape: Sequence[int], rng: np.random.Generator, strength: float,
                correlation: float | Sequence[float]) -> np.ndarray:
-    """Smooth multiplicative bias field ``exp(strength * field)`` (float32, ``shape``), e.g. strength 0.2 ≈ ±20%."""
+    """Smooth multiplicative bias field ``exp(strength * field)``, ``field`` from :func:`smooth_random_field`.
+
+    Args:
+        shape: output shape.
+        rng: the random generator.
+        strength: standard deviation of the log field, e.g. strength 0.2 ≈ ±20%.
+        correlation: correlation length in voxels, one number or one per axis.
+
+    Returns:
+        float32 array of ``shape``, positive.
+    """
     return np.exp(strength * smooth_random_field(shape, rng, correlation)).astype(np.float32)
 
 
 def random_rotation(ndim: int, rng: np.random.Generator, max_degrees: float) -> np.ndarray:
-    """Random rotation matrix (ndim × ndim, 2 or 3) with each Euler angle uniform in ±``max_degrees``."""
+    """Random rotation matrix with each Euler angle uniform in ±``max_degrees``.
+
+    Args:
+        ndim: 2 (one angle) or 3 (three angles).
+        rng: the random generator.
+        max_degrees: largest angle in degrees.
+
+    Returns:
+        (ndim, ndim) float64 rotation matrix.
+    """
     angles = np.deg2rad(rng.uniform(-max_degrees, max_degrees, size=1 if ndim == 2 else 3))
     def rot(a: float, i: int, j: int) -> np.ndarray:
+        """Rotation by ``a`` radians in the plane of axes ``i`` and ``j``."""
         r = np.eye(ndim)
         r[i, i] = r[j, j] = math.cos(a)
         r[i, j], r[j, i] = -math.sin(a), math.sin(a)
@@ -76,6 +104,16 @@ def warp_coordinates(out_shape: Sequence[int], factor: Sequence[float], src_shap
     The output grid has ``factor`` source voxels per output voxel (per axis; block centres as in a
     block average) and is centred on the source; around that centre a random rotation and scaling
     is applied, then a smooth elastic displacement field.
+
+    Args:
+        out_shape: shape of the output grid (2 or 3 axes).
+        factor: source voxels per output voxel, one per axis.
+        src_shape: shape of the source volume.
+        rng: the random generator.
+        params: rotation, scaling and elastic parameters.
+
+    Returns:
+        (ndim, *out_shape) float32 source-voxel coordinates, for :func:`warp`.
     """
     ndim = len(out_shape)
     factor = np.asarray(factor, dtype=float)
@@ -93,7 +131,16 @@ def warp_coordinates(out_shape: Sequence[int], factor: Sequence[float], src_shap
 
 
 def warp(image: np.ndarray, labels: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``image`` (linear) and ``labels`` (nearest) at ``coords`` (ndim, *out_shape); edges are extended."""
+    """Sample ``image`` (linear) and ``labels`` (nearest) at ``coords``; edges are extended.
+
+    Args:
+        image: the source image, any ndim.
+        labels: the source labels, same shape.
+        coords: (ndim, *out_shape) source-voxel coordinates (:func:`warp_coordinates`).
+
+    Returns:
+        ``(image, labels)`` of ``out_shape``: the image float32, the labels in their input dtype.
+    """
     img = ndimage.map_coordinates(image.astype(np.float32), coords, order=1, mode="nearest")
     lab = ndimage.map_coordinates(labels, coords, order=0, mode="nearest")
     return img, lab.astype(labels.dtype)
@@ -116,7 +163,18 @@ class IntensityParams:
 
 def change_intensity(image: np.ndarray, rng: np.random.Generator, params: IntensityParams,
                      reference_scale: float) -> np.ndarray:
-    """Random gamma, contrast, shift, bias field and noise (see ``IntensityParams``); float32 result."""
+    """Random gamma, contrast, shift, bias field and noise (see ``IntensityParams``).
+
+    Args:
+        image: the image, any shape.
+        rng: the random generator.
+        params: the intensity parameters.
+        reference_scale: the source's 99.5th percentile above ``params.floor`` (gamma acts on
+            ``(image - floor) / reference_scale``).
+
+    Returns:
+        float32 array of the image's shape.
+    """
     x = np.clip(image.astype(np.float32) - params.floor, 0, None) / reference_scale
     x = x ** rng.uniform(*params.gamma_range)
     x = x * reference_scale * rng.uniform(*params.contrast_range)
@@ -130,7 +188,15 @@ def change_intensity(image: np.ndarray, rng: np.random.Generator, params: Intens
 
 
 def merge_labels(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
-    """Map source label values to new ones (uint8); values not in ``mapping`` become 0."""
+    """Map source label values to new ones; values not in ``mapping`` become 0.
+
+    Args:
+        labels: non-negative integer label map, any shape.
+        mapping: source value -> new value (0..255).
+
+    Returns:
+        uint8 label map of the same shape.
+    """
     lut = np.zeros(int(max(labels.max(), max(mapping))) + 1, dtype=np.uint8)
     for src, dst in mapping.items():
         lut[src] = dst
@@ -138,7 +204,18 @@ def merge_labels(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
 
 
 def bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
-    """Bounding box of a non-empty mask, grown by ``margin`` voxels per axis and clipped to the array."""
+    """Bounding box of a non-empty mask, grown by ``margin`` voxels per axis and clipped to the array.
+
+    Args:
+        mask: bool array, any ndim.
+        margin: voxels to add on each side, one per axis.
+
+    Returns:
+        One slice per axis.
+
+    Raises:
+        ValueError: ``mask`` is empty (the source labels contain none of the requested structures).
+    """
     idx = np.argwhere(mask)
     if idx.size == 0:
         raise ValueError("mask is empty: the source labels contain none of the requested structures")
@@ -150,11 +227,23 @@ def bbox_slices(mask: np.ndarray, margin: Sequence[int]) -> tuple[slice, ...]:
 def augmented_cases(image: np.ndarray, labels: np.ndarray, num_cases: int, seed: int, factor: Sequence[float],
                     warp_params: WarpParams, intensity_params: IntensityParams,
                     anti_alias: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``num_cases`` (image float32, labels uint8) pairs warped from one source volume.
+    """Yield ``num_cases`` augmented pairs warped from one source volume.
 
-    The output grid has ``factor`` source voxels per output voxel (e.g. 2 for 1 mm → 2 mm). Case ``i``
-    depends only on ``(seed, i)``, so a smaller ``num_cases`` gives a prefix of a larger one. When
-    ``anti_alias`` and ``factor`` > 1 the image is Gaussian-smoothed once before sampling (partial volume).
+    Case ``i`` depends only on ``(seed, i)``, so a smaller ``num_cases`` gives a prefix of a larger one.
+
+    Args:
+        image: the source image (z, y, x), any ndim.
+        labels: the source labels on the same grid.
+        num_cases: number of cases to yield.
+        seed: the seed; case ``i`` uses ``numpy.random.default_rng([seed, i])``.
+        factor: source voxels per output voxel, one number or one per axis (e.g. 2 for 1 mm → 2 mm).
+        warp_params: the spatial augmentation.
+        intensity_params: the intensity augmentation.
+        anti_alias: when True (default) and ``factor`` > 1 on some axis, the image is Gaussian-smoothed once
+            before sampling (partial volume).
+
+    Yields:
+        ``(image float32, labels uint8)`` on the output grid, shape round(source shape / factor).
     """
     factor = np.broadcast_to(np.asarray(factor, dtype=float), (image.ndim,))
     out_shape = tuple(int(round(s / f)) for s, f in zip(image.shape, factor))
@@ -171,7 +260,19 @@ def augmented_cases(image: np.ndarray, labels: np.ndarray, num_cases: int, seed:
 
 def validate_augmented_args(dataset_id: int, name: str, num_cases: int, seed: int, spacing_mm: float | None,
                             margin_mm: float) -> None:
-    """ValueError naming the argument for a bad dataset id/name, case count, seed, spacing or margin."""
+    """Check the arguments of an augmented-dataset generator before anything is read or written.
+
+    Args:
+        dataset_id: nnU-Net dataset id, 1..999.
+        name: dataset name (letters, digits, ``_``, ``-``).
+        num_cases: number of cases, >= 1.
+        seed: seed, an integer >= 0.
+        spacing_mm: output spacing in mm, > 0, or None to keep the source spacing.
+        margin_mm: margin around the structures in mm, >= 0.
+
+    Raises:
+        ValueError: naming the argument for a bad dataset id/name, case count, seed, spacing or margin.
+    """
     dataset_folder_name(dataset_id, name)
     validate_positive_int("num_cases", num_cases)
     validate_positive_int("seed", seed, minimum=0)
@@ -188,12 +289,37 @@ def write_augmented_dataset(raw_root: str | os.PathLike, dataset_id: int, name: 
                             spacing_mm: float | None, margin_mm: float, warp_params: WarpParams,
                             intensity_params: IntensityParams, channel: str, overwrite: bool,
                             out_dtype: type = np.float32, **json_extra: object) -> Path:
-    """Write ``num_cases`` augmented copies of one labelled volume as an nnU-Net raw dataset; return its folder.
+    """Write ``num_cases`` augmented copies of one labelled volume as an nnU-Net raw dataset.
 
-    ``image`` is the source (SimpleITK, 3-D); ``labels`` its merged label map as numpy (z, y, x) uint8 on
-    the same grid, values as in ``label_names``. The volume is cropped to the labelled structures plus
-    ``margin_mm``, resampled to ``spacing_mm`` (isotropic; None keeps the source spacing) while warping,
-    and written with the source orientation and a matching origin. ``json_extra`` goes into dataset.json.
+    The volume is cropped to the labelled structures plus ``margin_mm``, resampled to ``spacing_mm`` while
+    warping, and written with the source orientation and a matching origin.
+
+    Args:
+        raw_root: the nnU-Net raw folder to write into.
+        dataset_id: nnU-Net dataset id, 1..999.
+        name: dataset name.
+        image: the source (SimpleITK, 3-D).
+        labels: its merged label map as numpy (z, y, x) uint8 on the same grid, values as in ``label_names``.
+        label_names: dataset.json labels, name -> value (``background`` 0, consecutive).
+        num_cases: number of cases, >= 1.
+        seed: seed, >= 0; case ``i`` depends only on ``(seed, i)``.
+        spacing_mm: output spacing in mm (isotropic); None keeps the source spacing.
+        margin_mm: margin around the labelled structures in mm, >= 0.
+        warp_params: the spatial augmentation.
+        intensity_params: the intensity augmentation.
+        channel: the name of the one input channel (e.g. ``"MRI"``, ``"CT"``).
+        overwrite: replace an existing non-empty dataset folder.
+        out_dtype: image dtype on disk (default float32); integer dtypes are rounded and clipped to their range.
+        **json_extra: goes into dataset.json (e.g. ``description``, ``reference``, ``licence``).
+
+    Returns:
+        The dataset folder ``raw_root/DatasetXXX_Name``.
+
+    Raises:
+        ValueError: a bad argument (see :func:`validate_augmented_args`), no labelled voxel, a value of
+            ``label_names`` absent from the cropped labels, or invalid ``label_names``.
+        FileExistsError: the dataset folder exists and is not empty (without ``overwrite``), or another
+            folder uses the same dataset id.
     """
     validate_augmented_args(dataset_id, name, num_cases, seed, spacing_mm, margin_mm)
     src = sitk.GetArrayFromImage(image)

@@ -53,9 +53,18 @@ def find_mricron_dir(source_dir: str | os.PathLike | None = None, install: bool 
     """Folder holding ``ch2.nii.gz``, ``aal.nii.gz`` and ``aal.nii.txt``.
 
     Looks in ``source_dir`` if given (nothing else), else in ``$MBLS_MRICRON_DIR`` if set, else in
-    ``/usr/share/mricron/templates``; when absent there and ``install`` is True, runs as root
-    ``apt-get install -y mricron-data``. Raises RuntimeError naming the paths looked at and the install
-    command when the files cannot be had.
+    ``/usr/share/mricron/templates`` (and ``/usr/share/mricron``); when absent there and ``install`` is True,
+    runs as root ``apt-get install -y mricron-data``.
+
+    Args:
+        source_dir: the folder to use; None (default) searches as above.
+        install: allow the apt-get install when searching the default folders (default True).
+
+    Returns:
+        The folder holding the three files.
+
+    Raises:
+        RuntimeError: naming the paths looked at and the install command when the files cannot be had.
     """
     if source_dir is not None:
         candidates, may_install = [Path(source_dir)], False
@@ -77,7 +86,14 @@ def find_mricron_dir(source_dir: str | os.PathLike | None = None, install: bool 
 
 
 def read_aal_names(path: str | os.PathLike) -> dict[str, int]:
-    """AAL region name -> label value, from ``aal.nii.txt`` (lines ``<value> <name> <code>``)."""
+    """AAL region name -> label value, from ``aal.nii.txt``.
+
+    Args:
+        path: the ``aal.nii.txt`` file (lines ``<value> <name> <code>``; other lines are skipped).
+
+    Returns:
+        Region name (e.g. ``Caudate_L``) -> label value.
+    """
     names = {}
     for line in Path(path).read_text().splitlines():
         parts = line.split()
@@ -92,10 +108,31 @@ def make_ch2_deepgm_dataset(raw_root: str | os.PathLike, dataset_id: int = 991, 
                             overwrite: bool = False, source_dir: str | os.PathLike | None = None) -> Path:
     """Write an nnU-Net raw dataset of deep grey-matter structures from Colin27 + AAL; return its folder.
 
-    Labels: background 0, then ``structures`` in the given order (default caudate, putamen, pallidum,
-    thalamus, hippocampus, amygdala; left+right merged). Cases are cropped to the structures plus
-    ``margin_mm`` and resampled to ``spacing_mm`` (2 mm gives about 34×41×47 voxels). Channel "MRI".
-    Case ``i`` depends only on ``(seed, i)``. See ``find_mricron_dir`` for where the source comes from.
+    Labels: background 0, then ``structures`` in the given order (left+right merged). Cases are cropped to
+    the structures plus ``margin_mm`` and resampled to ``spacing_mm``. Channel "MRI". See
+    ``find_mricron_dir`` for where the source comes from.
+
+    Args:
+        raw_root: the nnU-Net raw folder to write into.
+        dataset_id: nnU-Net dataset id (default 991).
+        num_cases: number of augmented cases (default 20).
+        seed: seed (default 0); case ``i`` depends only on ``(seed, i)``.
+        spacing_mm: output spacing in mm (default 2 mm, which gives about 34×41×47 voxels).
+        margin_mm: margin around the structures in mm (default 6).
+        structures: distinct names from :data:`AAL_STRUCTURES` (default caudate, putamen, pallidum, thalamus,
+            hippocampus, amygdala).
+        name: dataset name (default ``MbLSCh2DeepGM``).
+        overwrite: replace an existing non-empty dataset folder (default False).
+        source_dir: the folder with the Colin27/AAL files; None searches (see :func:`find_mricron_dir`).
+
+    Returns:
+        The dataset folder ``raw_root/DatasetXXX_Name``.
+
+    Raises:
+        ValueError: a bad argument (structures, id, name, count, seed, spacing, margin).
+        RuntimeError: the source files cannot be had, or atlas and image are not on the same grid.
+        FileExistsError: the dataset folder exists and is not empty (without ``overwrite``), or another
+            folder uses the same dataset id.
     """
     structures = validate_names("structures", structures, list(AAL_STRUCTURES))
     validate_augmented_args(dataset_id, name, num_cases, seed, spacing_mm, margin_mm)

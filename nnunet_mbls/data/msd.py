@@ -25,7 +25,20 @@ _MSD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
 
 
 def task_folder_name(task_id: int, name: str) -> str:
-    """``TaskNN_Name``; nnU-Net's converter splits the folder name at its one underscore, so Name has none."""
+    """The MSD task folder name ``TaskNN_Name``.
+
+    nnU-Net's converter splits the folder name at its one underscore, so Name has none.
+
+    Args:
+        task_id: an integer >= 1 (two digits at least).
+        name: letters, digits or ``-``, starting with a letter or digit; no ``_``.
+
+    Returns:
+        ``Task{task_id:02d}_{name}``.
+
+    Raises:
+        ValueError: ``task_id`` is not an integer >= 1, or ``name`` does not fit.
+    """
     validate_positive_int("task_id", task_id)
     if not isinstance(name, str) or not _MSD_NAME.match(name):
         raise ValueError(f"name={name!r} is invalid for the MSD layout: use letters, digits or '-' and no '_' "
@@ -45,7 +58,24 @@ def write_msd_task(nnunet_folder: str | os.PathLike, out_root: str | os.PathLike
 
     The cases are taken in sorted order; the last ``num_test`` go to ``imagesTs`` without labels, the others
     to ``imagesTr``/``labelsTr``. Channel names become MSD's ``modality``. Staged and renamed into place, so
-    an interrupted run leaves no half task; an existing non-empty task folder is refused unless ``overwrite``.
+    an interrupted run leaves no half task.
+
+    Args:
+        nnunet_folder: a raw nnU-Net dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``).
+        out_root: the folder to write the task folder into.
+        task_id: MSD task id, >= 1.
+        name: task name (see :func:`task_folder_name`).
+        num_test: number of cases (the last ones) written as unlabelled test images (default 0).
+        overwrite: replace an existing non-empty task folder (default False).
+
+    Returns:
+        The task folder ``out_root/TaskNN_Name``.
+
+    Raises:
+        ValueError: ``num_test`` is negative or leaves no training case; bad ``task_id`` or ``name``;
+            ``out_root`` is a file.
+        FileExistsError: an existing non-empty task folder without ``overwrite``, or another folder with the
+            same ``TaskNN_`` prefix.
     """
     source = Path(nnunet_folder)
     meta = json.loads((source / "dataset.json").read_text())

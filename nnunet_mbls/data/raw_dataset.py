@@ -30,7 +30,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 
 
 def validate_dataset_id(dataset_id: int) -> int:
-    """Return ``dataset_id`` if it is an int in 1..999 (nnU-Net's three-digit ids), else raise ValueError."""
+    """Validate an nnU-Net dataset id (nnU-Net's three-digit ids).
+
+    Args:
+        dataset_id: the id (a Python or numpy integer; bool is refused).
+
+    Returns:
+        ``dataset_id`` as an int.
+
+    Raises:
+        ValueError: ``dataset_id`` is not an integer in 1..999.
+    """
     if isinstance(dataset_id, bool) or not isinstance(dataset_id, (int, np.integer)) or not 1 <= dataset_id <= 999:
         raise ValueError(f"dataset_id={dataset_id!r} is invalid: nnU-Net dataset ids are integers 1..999; "
                          f"pass e.g. dataset_id=990")
@@ -38,7 +48,18 @@ def validate_dataset_id(dataset_id: int) -> int:
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
-    """``DatasetXXX_Name`` for a validated id and name (letters, digits, ``_``, ``-``; no spaces or slashes)."""
+    """``DatasetXXX_Name`` for a validated id and name.
+
+    Args:
+        dataset_id: an integer in 1..999.
+        name: letters, digits, ``_``, ``-`` (starting with a letter or digit; no spaces or slashes).
+
+    Returns:
+        ``Dataset{dataset_id:03d}_{name}``.
+
+    Raises:
+        ValueError: a bad ``dataset_id`` or ``name``.
+    """
     dataset_id = validate_dataset_id(dataset_id)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"name={name!r} is invalid: use letters, digits, '_' or '-' (starting with a letter or "
@@ -47,14 +68,39 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
 
 
 def validate_positive_int(argname: str, value: int, minimum: int = 1) -> int:
-    """Return ``value`` as int if it is an integer >= ``minimum``; else ValueError naming ``argname``."""
+    """Validate an integer argument with a lower bound.
+
+    Args:
+        argname: the argument's name, for the message.
+        value: the value (a Python or numpy integer; bool is refused).
+        minimum: the smallest accepted value (default 1).
+
+    Returns:
+        ``value`` as an int.
+
+    Raises:
+        ValueError: naming ``argname`` unless ``value`` is an integer >= ``minimum``.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{argname}={value!r} is invalid: pass an integer >= {minimum}")
     return int(value)
 
 
 def validate_names(argname: str, values: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
-    """Return ``values`` as a tuple if it is a non-empty sequence of distinct names from ``known``."""
+    """Validate a selection of names (e.g. the structures of a dataset).
+
+    Args:
+        argname: the argument's name, for the message.
+        values: the names chosen (a sequence, not a single string).
+        known: the names that may be chosen.
+
+    Returns:
+        ``values`` as a tuple, in the given order.
+
+    Raises:
+        ValueError: naming ``argname`` and ``known`` unless ``values`` is a non-empty sequence of distinct
+            names from ``known``.
+    """
     if (isinstance(values, str) or not isinstance(values, Sequence) or not values
             or len(set(values)) != len(values) or any(v not in known for v in values)):
         raise ValueError(f"{argname}={values!r} is invalid: pass a non-empty list of distinct names from "
@@ -93,9 +139,21 @@ def new_dataset_folder(raw_root: str | os.PathLike, dataset_id: int, name: str,
                        overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging folder to write a dataset into; on success it becomes ``raw_root/DatasetXXX_Name``.
 
-    Raises FileExistsError (before anything is written) when the dataset folder exists and is not empty
-    and ``overwrite`` is False, or when another folder already uses the same dataset id. On any error
-    inside the block the staging folder is deleted and an existing dataset is left untouched.
+    On any error inside the block the staging folder is deleted and an existing dataset is left untouched.
+
+    Args:
+        raw_root: the nnU-Net raw folder (created if needed).
+        dataset_id: an integer in 1..999.
+        name: the dataset name (see :func:`dataset_folder_name`).
+        overwrite: replace an existing non-empty dataset folder (default False).
+
+    Yields:
+        The staging folder, with empty ``imagesTr`` and ``labelsTr``.
+
+    Raises:
+        FileExistsError: (before anything is written) the dataset folder exists and is not empty and
+            ``overwrite`` is False, or another folder already uses the same dataset id.
+        ValueError: a bad ``dataset_id`` or ``name``, or ``raw_root`` is not a folder path.
     """
     with staged_folder(raw_root, dataset_folder_name(dataset_id, name), overwrite, ("imagesTr", "labelsTr")) as staging:
         yield staging
@@ -106,8 +164,22 @@ def staged_folder(root: str | os.PathLike, folder_name: str, overwrite: bool,
                   subfolders: Sequence[str]) -> Iterator[Path]:
     """Yield a hidden staging folder (with ``subfolders``) that becomes ``root/folder_name`` on success.
 
-    ``folder_name`` is ``<Prefix><id>_<Name>`` (nnU-Net's ``DatasetXXX_Name``, MSD's ``TaskNN_Name``); another
-    folder with the same ``<Prefix><id>_`` is refused, as is a non-empty target unless ``overwrite``.
+    The target is checked again before the rename (something may have appeared meanwhile); on any error the
+    staging folder is deleted.
+
+    Args:
+        root: the folder to write into (created if needed), a str or path.
+        folder_name: ``<Prefix><id>_<Name>`` (nnU-Net's ``DatasetXXX_Name``, MSD's ``TaskNN_Name``).
+        overwrite: replace an existing non-empty target.
+        subfolders: subfolders created empty in the staging folder.
+
+    Yields:
+        The staging folder (hidden, in ``root``).
+
+    Raises:
+        ValueError: ``root`` is not a str/path, or is a file.
+        FileExistsError: another folder with the same ``<Prefix><id>_`` exists, or the target is non-empty
+            and ``overwrite`` is False.
     """
     if not isinstance(root, (str, os.PathLike)):
         raise ValueError(f"root={root!r} is invalid: pass the output folder (e.g. nnUNet_raw) as a str or Path")
@@ -132,7 +204,7 @@ def staged_folder(root: str | os.PathLike, folder_name: str, overwrite: bool,
 
 
 def case_identifier(index: int) -> str:
-    """``case_XXXX`` for a 0-based case index."""
+    """``case_XXXX`` for a 0-based case index (zero-padded to four digits)."""
     return f"case_{index:04d}"
 
 
@@ -150,13 +222,25 @@ def _to_sitk(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float
 def write_case(folder: str | os.PathLike, case_id: str, image: np.ndarray | Sequence[np.ndarray], labels: np.ndarray,
                spacing: Sequence[float], origin: Sequence[float] | None = None,
                direction: Sequence[float] | None = None) -> tuple[list[Path], Path]:
-    """Write one training case into a dataset folder.
+    """Write one training case into a dataset folder (each file atomically, compressed NIfTI).
 
-    ``image`` (one channel) or a list of images (one per input channel, written as ``_0000``, ``_0001``, ...)
-    and ``labels`` are numpy arrays in SimpleITK order (z, y, x), same shape, 3-D; 2-D data is written as
-    (1, y, x), the way nnU-Net's ``2d`` configuration reads NIfTI. ``spacing`` is in the same (z, y, x)
-    order, in mm; ``origin`` (x, y, z) and ``direction`` (9 floats, row-major) as SimpleITK takes them,
-    defaulting to 0 and identity. Labels are stored as uint8. Returns (image paths, label path).
+    Args:
+        folder: the dataset (or staging) folder with ``imagesTr`` and ``labelsTr``.
+        case_id: the case identifier, e.g. from :func:`case_identifier`.
+        image: one (z, y, x) array (one channel) or a list of them (one per input channel, written as
+            ``_0000``, ``_0001``, ...), numpy in SimpleITK order, 3-D; 2-D data is written as (1, y, x), the
+            way nnU-Net's ``2d`` configuration reads NIfTI.
+        labels: (z, y, x) label map of the same shape, values 0..255; stored as uint8.
+        spacing: three positive values in mm, in the same (z, y, x) order.
+        origin: (x, y, z) as SimpleITK takes it; None (default) for 0.
+        direction: 9 floats, row-major, as SimpleITK takes them; None (default) for identity.
+
+    Returns:
+        (image paths, label path).
+
+    Raises:
+        ValueError: no image, arrays that are not 3-D or differ in shape, ``spacing`` not three positive
+            values, or labels outside 0..255.
     """
     channels = [np.asarray(c) for c in image] if isinstance(image, (list, tuple)) else [np.asarray(image)]
     labels = np.asarray(labels)
@@ -177,17 +261,38 @@ def write_case(folder: str | os.PathLike, case_id: str, image: np.ndarray | Sequ
 
 
 def write_nifti(path: Path, image: sitk.Image) -> Path:
-    """Write a SimpleITK image to ``path`` (.nii.gz, compressed) atomically."""
+    """Write a SimpleITK image to ``path`` (.nii.gz, compressed) atomically.
+
+    Args:
+        path: the destination file; its ending picks the format.
+        image: the image to write.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: as :func:`~nnunet_mbls.io.atomic_write`.
+    """
     return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def write_dataset_json(folder: str | os.PathLike, channel_names: Mapping[str, str], labels: Mapping[str, int],
                        num_training: int, **extra: object) -> Path:
-    """Write ``dataset.json`` (nnU-Net v2 format, file ending ``.nii.gz``).
+    """Write ``dataset.json`` (nnU-Net v2 format, file ending ``.nii.gz``) atomically.
 
-    ``labels`` maps names to integers: ``"background"`` must be 0, the others consecutive; an
-    ``"ignore"`` label, when present, must be the highest value (nnU-Net requires both).
-    ``extra`` keys (e.g. ``name``, ``description``, ``reference``, ``licence``) are stored as given.
+    Args:
+        folder: the dataset (or staging) folder.
+        channel_names: channel index (as a string) -> name, e.g. ``{"0": "MRI"}``.
+        labels: names -> integers: ``"background"`` must be 0, the others consecutive; an ``"ignore"`` label,
+            when present, must be the highest value (nnU-Net requires both).
+        num_training: number of training cases, >= 1.
+        **extra: keys (e.g. ``name``, ``description``, ``reference``, ``licence``) stored as given.
+
+    Returns:
+        The path of ``dataset.json``.
+
+    Raises:
+        ValueError: ``labels`` breaks the rules above, or ``num_training`` is not an integer >= 1.
     """
     values = sorted(labels.values())
     if labels.get("background") != 0 or values != list(range(len(values))):

@@ -78,6 +78,15 @@ class _CaseGeometry:
         self.deform = [0.12 * float(np.mean(r)) * smooth_random_field(shape, rng, corr) for _, r in self.ellipsoids]
 
     def distances(self, jitter: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Approximate signed distances (mm, negative inside) to the outer, inner and adjacent shapes.
+
+        Args:
+            jitter: one array of ``shape`` per structure added to its distance (a second rater's boundary),
+                or None (default) for the true shapes.
+
+        Returns:
+            Three arrays of ``shape``: outer, inner, adjacent.
+        """
         out = []
         for k, (c, r) in enumerate(self.ellipsoids):
             rel = (self.grid - c.reshape(-1, *[1] * len(self.shape))) / r.reshape(-1, *[1] * len(self.shape))
@@ -87,6 +96,15 @@ class _CaseGeometry:
 
     @staticmethod
     def labels(d: list[np.ndarray], inner_margin: float) -> np.ndarray:
+        """Label map of the three shapes: adjacent outside the organ, then outer, then inner nested in it.
+
+        Args:
+            d: the signed distances of :meth:`distances` (outer, inner, adjacent).
+            inner_margin: mm the inner structure keeps from the organ's surface.
+
+        Returns:
+            uint8 label map with :data:`LABELS` values.
+        """
         outer, inner, adj = d[0] < 0, d[1] < 0, d[2] < 0
         lab = np.zeros(outer.shape, dtype=np.uint8)
         lab[adj & ~outer] = LABELS["adjacent"]
@@ -110,6 +128,7 @@ def _make_case(shape: tuple[int, ...], spacing: tuple[float, ...], rng: np.rando
         geo = _CaseGeometry(shape, spacing, rng, touch_border)
 
         def labels_of(distances: list[np.ndarray]) -> np.ndarray:
+            """Labels of ``distances``, without the adjacent structure unless ``with_adjacent``."""
             if not with_adjacent:  # the adjacent structure is nowhere
                 distances[2] = np.full(shape, np.inf)
             return geo.labels(distances, inner_margin=1.0 * min_sp)
@@ -148,7 +167,15 @@ def _image(true: np.ndarray, means: np.ndarray, shape, spacing, min_sp: float, r
 
 
 def label_names(parcels: int = 1, ignore_label: bool = False) -> dict[str, int]:
-    """dataset.json labels: background, the outer organ (or its ``parcels`` sectors), inner, adjacent, ignore."""
+    """dataset.json labels: background, the outer organ (or its ``parcels`` sectors), inner, adjacent, ignore.
+
+    Args:
+        parcels: number of sectors of the outer organ (default 1: one ``outer`` label; else ``outer_01`` ...).
+        ignore_label: add ``ignore`` as the highest label (default False).
+
+    Returns:
+        Name -> consecutive label value from 0.
+    """
     outer = ["outer"] if parcels == 1 else [f"outer_{k + 1:02d}" for k in range(parcels)]
     names = ["background", *outer, "inner", "adjacent"] + (["ignore"] if ignore_label else [])
     return {name: value for value, name in enumerate(names)}
@@ -159,6 +186,15 @@ def split_into_parcels(labels: np.ndarray, parcels: int, spacing: Sequence[float
 
     The sectors lie in the plane of the two longest axes (in mm) and start at a random angle; labels
     above ``outer`` move up by ``parcels - 1`` (so inner, adjacent and ignore keep their order).
+
+    Args:
+        labels: uint8 label map with :data:`LABELS` values (and ignore), 2-D or 3-D.
+        parcels: number of sectors; 1 returns ``labels`` unchanged.
+        spacing: mm per axis of ``labels``.
+        rng: the random generator (the start angle).
+
+    Returns:
+        uint8 label map of the same shape.
     """
     if parcels == 1:
         return labels
@@ -183,22 +219,43 @@ def make_synthetic_dataset(raw_root: str | os.PathLike, dataset_id: int = 990, n
                            direction: Sequence[float] | None = None) -> Path:
     """Write a synthetic nnU-Net raw dataset and return its folder ``raw_root/DatasetXXX_Name``.
 
-    ``shape`` (z, y, x) or (y, x): 2-D cases are stored as (1, y, x) NIfTI, which nnU-Net plans as a
-    ``2d``-only dataset; 3-D cases get ``2d`` and ``3d_fullres``. ``spacing`` in mm, same order as
-    ``shape`` (default 1 mm; the thickest axis is the one nnU-Net's planner moves first, so a thick last
-    or middle axis gives a non-identity ``transpose_forward``). Labels: background 0, outer 1, inner 2
-    (nested in outer), adjacent 3 (touching outer); with ``ignore_label`` a few random blobs get label 4 =
-    "ignore" (nnU-Net's ignore label must be the highest value). Channels "MRI" (and "MRI2", "MRI3", ...:
-    ``channels`` input channels with contrasts of their own), z-score normalisation.
+    Labels: background 0, outer 1, inner 2 (nested in outer), adjacent 3 (touching outer). Channels "MRI"
+    (and "MRI2", "MRI3", ...), z-score normalisation. Case ``i`` depends only on ``(seed, i)`` and the
+    options; the same arguments give identical files. The geometry options (``parcels`` to ``direction``)
+    are for testing every geometry nnU-Net handles.
 
-    Geometry options (for testing every geometry nnU-Net handles): ``parcels`` > 1 splits the outer organ
-    into that many sector labels (``outer_01`` ...; many classes); ``adjacent_absent_every`` = n leaves the
-    adjacent structure out of every n-th case (case n-1, 2n-1, ...: a class absent from a case);
-    ``touch_border`` lets the organ run out of the image across the last axis; ``zero_margin`` pads
-    every side with that many voxels of exactly 0 in every channel (label 0), so nnU-Net's crop to the
-    nonzero box is a real crop; ``origin`` (x, y, z) and ``direction`` (9 floats, row-major) as SimpleITK
-    takes them. Case ``i`` depends only on ``(seed, i)`` and the options; the same arguments give identical
-    files. Raises FileExistsError for an existing non-empty dataset folder unless ``overwrite``.
+    Args:
+        raw_root: the nnU-Net raw folder to write into.
+        dataset_id: nnU-Net dataset id, 1..999 (default 990).
+        name: dataset name (default ``MbLSSynthetic``).
+        num_cases: number of cases, >= 1 (default 40).
+        shape: (z, y, x) or (y, x), each >= 8 (default (96, 96)): 2-D cases are stored as (1, y, x) NIfTI,
+            which nnU-Net plans as a ``2d``-only dataset; 3-D cases get ``2d`` and ``3d_fullres``.
+        seed: seed, >= 0 (default 0).
+        ignore_label: a few random blobs get label 4 = "ignore" (nnU-Net's ignore label must be the highest
+            value; with ``parcels`` > 1 it moves up with the other labels).
+        overwrite: replace an existing non-empty dataset folder (default False).
+        spacing: mm per axis, same order as ``shape`` (default None: 1 mm; the thickest axis is the one
+            nnU-Net's planner moves first, so a thick last or middle axis gives a non-identity
+            ``transpose_forward``).
+        channels: number of input channels, >= 1 (default 1); further channels have contrasts of their own.
+        parcels: > 1 splits the outer organ into that many sector labels (``outer_01`` ...; many classes);
+            at most 250 (default 1).
+        adjacent_absent_every: n >= 2 leaves the adjacent structure out of every n-th case (case n-1, 2n-1,
+            ...: a class absent from a case); None (default) keeps it everywhere.
+        touch_border: let the organ run out of the image across the last axis (default False).
+        zero_margin: pad every side with that many voxels of exactly 0 in every channel (label 0), so
+            nnU-Net's crop to the nonzero box is a real crop (default 0).
+        origin: (x, y, z) as SimpleITK takes it; None (default) for 0.
+        direction: 9 floats, row-major, as SimpleITK takes them; None (default) for identity.
+
+    Returns:
+        The dataset folder ``raw_root/DatasetXXX_Name``.
+
+    Raises:
+        ValueError: a bad argument (shape, spacing, counts, seed, parcels, margin, id or name).
+        FileExistsError: an existing non-empty dataset folder unless ``overwrite``, or another folder with
+            the same dataset id.
     """
     shape = _validate_shape(shape)
     spacing = _validate_spacing(spacing, len(shape))

@@ -47,7 +47,14 @@ def cache_dir() -> Path:
 
 
 def download_command(dest: str | os.PathLike) -> list[str]:
-    """The pip command that downloads the TotalSegmentator sdist into ``dest``."""
+    """The pip command that downloads the TotalSegmentator sdist into ``dest``.
+
+    Args:
+        dest: the download folder.
+
+    Returns:
+        The command as an argument list (this Python's ``pip download --no-deps --no-binary :all:``).
+    """
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
             f"totalsegmentator=={TS_VERSION}", "-d", str(dest)]
 
@@ -70,7 +77,17 @@ def fetch_totalseg_example(source_dir: str | os.PathLike | None = None) -> Path:
     ``source_dir`` may be such a folder or an extracted sdist (files under ``tests/reference_files``);
     it is used as given. Otherwise ``<cache_dir()>/totalsegmentator-2.18.0`` is used, filled on first
     use by ``pip download`` of the sdist (about 38 MB, deleted after extracting three files, ~0.5 MB).
-    Raises RuntimeError naming the command to run by hand and the ``source_dir=`` alternative.
+
+    Args:
+        source_dir: a folder with the two files, or an extracted sdist; None (default) uses the cache.
+
+    Returns:
+        The folder holding the files.
+
+    Raises:
+        RuntimeError: ``source_dir`` holds neither the files nor ``tests/reference_files`` with them; or the
+            download or extraction failed (naming the command to run by hand and the ``source_dir=``
+            alternative).
     """
     needed = ("example_ct_sm.nii.gz", "example_seg.nii.gz")
     if source_dir is not None:
@@ -108,7 +125,17 @@ def fetch_totalseg_example(source_dir: str | os.PathLike | None = None) -> Path:
 
 
 def read_total_class_map(path: str | os.PathLike) -> dict[str, int]:
-    """Class name -> label value of the "total" task, read (without importing) from ``map_to_binary.py``."""
+    """Class name -> label value of the "total" task, read (without importing) from ``map_to_binary.py``.
+
+    Args:
+        path: TotalSegmentator's ``map_to_binary.py``.
+
+    Returns:
+        Class name -> label value.
+
+    Raises:
+        RuntimeError: the file has no literal ``class_map["total"]``.
+    """
     tree = ast.parse(Path(path).read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "class_map" for t in node.targets):
@@ -127,10 +154,31 @@ def make_totalseg_abdomen_dataset(raw_root: str | os.PathLike, dataset_id: int =
                                   spacing_mm: float | None = None, name: str = "MbLSTotalSegAbdomen") -> Path:
     """Write an nnU-Net raw abdominal CT dataset from TotalSegmentator's example scan; return its folder.
 
-    Labels: background 0, then ``structures`` in the given order (default liver, spleen, kidney (left+right),
-    stomach, pancreas; "gallbladder" is also available). Cropped to them plus ``margin_mm``; ``spacing_mm``
-    None keeps the source's 3 mm (about 30×71×102 voxels). Channel "CT" (nnU-Net's CT normalisation);
-    images int16 HU. Case ``i`` depends only on ``(seed, i)``. See ``fetch_totalseg_example`` for the source.
+    Labels: background 0, then ``structures`` in the given order. Cropped to them plus ``margin_mm``.
+    Channel "CT" (nnU-Net's CT normalisation); images int16 HU. See ``fetch_totalseg_example`` for the source.
+
+    Args:
+        raw_root: the nnU-Net raw folder to write into.
+        dataset_id: nnU-Net dataset id (default 992).
+        num_cases: number of augmented cases (default 20).
+        seed: seed (default 0); case ``i`` depends only on ``(seed, i)``.
+        overwrite: replace an existing non-empty dataset folder (default False).
+        source_dir: the example files' folder; None (default) uses (and fills) the cache.
+        structures: distinct names from :data:`TOTAL_STRUCTURES` (default liver, spleen, kidney (left+right),
+            stomach, pancreas; "gallbladder" is also available).
+        margin_mm: margin around the structures in mm (default 6).
+        spacing_mm: output spacing in mm; None (default) keeps the source's 3 mm (about 30×71×102 voxels).
+        name: dataset name (default ``MbLSTotalSegAbdomen``).
+
+    Returns:
+        The dataset folder ``raw_root/DatasetXXX_Name``.
+
+    Raises:
+        ValueError: a bad argument (structures, id, name, count, seed, spacing, margin).
+        RuntimeError: the source cannot be had, its class ids differ from :data:`TOTAL_CLASS_IDS`, or the
+            scan and the segmentation differ in size.
+        FileExistsError: the dataset folder exists and is not empty (without ``overwrite``), or another
+            folder uses the same dataset id.
     """
     structures = validate_names("structures", structures, list(TOTAL_STRUCTURES))
     validate_augmented_args(dataset_id, name, num_cases, seed, spacing_mm, margin_mm)

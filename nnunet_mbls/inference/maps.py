@@ -34,9 +34,19 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
 def check_map_request(kinds: Sequence[str], dtype: str, reader_writer: str | None = None) -> None:
-    """ValueError naming the fix for an unknown kind or dtype, or a reorienting reader.
+    """Check a request for maps before anything is predicted or written.
 
     Mutual information is allowed with one fold, where it is 0 everywhere by definition.
+
+    Args:
+        kinds: the map kinds asked for (each one of :data:`~nnunet_mbls.inference.MAP_KINDS`); may be empty.
+        dtype: ``"float32"`` or ``"uint8"``.
+        reader_writer: the dataset's image reader/writer class name (plans' ``image_reader_writer``), or None
+            when unknown (not checked).
+
+    Raises:
+        ValueError: naming the fix for an unknown kind or dtype, or (when maps are asked for) a reader other
+            than :data:`TEMPLATE_READERS`, whose arrays are reoriented.
     """
     unknown = [k for k in kinds if k not in MAP_KINDS]
     if unknown:
@@ -49,7 +59,7 @@ def check_map_request(kinds: Sequence[str], dtype: str, reader_writer: str | Non
 
 
 def label_file_name(name: str) -> str:
-    """A label name as it appears in a file name (characters other than letters, digits, _ . - become _)."""
+    """A label name as it appears in a file name (runs of characters other than letters, digits, _ . - become _)."""
     return _UNSAFE.sub("_", name)
 
 
@@ -61,7 +71,20 @@ class MapWriter:
         self.folder, self.dtype = Path(folder), dtype
 
     def write(self, case: str, suffix: str, volume: np.ndarray, template: sitk.Image, is_probability: bool) -> Path:
-        """Write ``volume`` (nnU-Net array order, 3-D; 2-D images as (1, y, x)) as ``<case>_<suffix>.nii.gz``."""
+        """Write one map as ``<case>_<suffix>.nii.gz`` in the writer's folder, atomically.
+
+        Args:
+            case: the case name.
+            suffix: the map's name, e.g. ``"entropy"`` or ``"prob_liver"``.
+            volume: (*image grid) map in nnU-Net array order, 3-D (2-D images as (1, y, x), written 2-D when
+                ``template`` is).
+            template: the image whose size, spacing, origin and direction the map copies.
+            is_probability: values in [0, 1]; with dtype ``uint8`` they are stored as 0..255 with scale
+                slope 1/255 (other maps stay float32).
+
+        Returns:
+            The written path.
+        """
         array = volume.reshape(volume.shape[-template.GetDimension():]) if template.GetDimension() < volume.ndim else volume
         path = self.folder / f"{case}_{suffix}{SUFFIX}"
         if self.dtype == "uint8" and is_probability:
@@ -89,7 +112,24 @@ def _write_scaled_uint8(quantised: np.ndarray, template: sitk.Image, tmp: str) -
 def write_case_maps(writer: MapWriter, case: str, probabilities: np.ndarray, template: sitk.Image,
                     kinds: Sequence[str], foreground: Mapping[int, str], entropy_map: np.ndarray | None = None,
                     mutual_information: np.ndarray | None = None) -> list[Path]:
-    """The requested maps of one case from its probabilities (C, *image grid); returns the written paths."""
+    """Write the requested maps of one case from its probabilities.
+
+    Args:
+        writer: the :class:`MapWriter` (folder and dtype).
+        case: the case name.
+        probabilities: (C, *image grid) probabilities.
+        template: the image whose geometry the maps copy (nnU-Net's segmentation of the case).
+        kinds: the map kinds to write (``probabilities``, ``confidence``, ``entropy``, ``mutual_information``).
+        foreground: label value -> name of every foreground label (one probability map each).
+        entropy_map: (*image grid) entropy when already computed; None computes it.
+        mutual_information: (*image grid) mutual information over folds; needed for that kind.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        ValueError: ``mutual_information`` was requested but not given.
+    """
     written = []
     if "probabilities" in kinds:
         for label, name in foreground.items():

@@ -49,9 +49,29 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
                   dataset: str, configuration: str, trainer: str, plans: str) -> FoldModels:
     """Check that every fold exists with the checkpoint asked for; with ``calibrated`` pick its calibration.
 
-    ``calibrated``: every fold's ``checkpoint_final_calibrated.pth`` (the temperature folded into the head);
-    where a fold lacks it but has ``calibration.json``, every fold uses ``checkpoint_final.pth`` and its logits
-    are divided by the fold's temperature instead (same probabilities up to nnU-Net's fp16 accumulation).
+    Where ``checkpoint_final.pth`` or ``-chk`` is used, also checks that every fold's file loads as an nnU-Net
+    checkpoint; calibrated checkpoints are checked with ``calibration_problem`` instead.
+
+    Args:
+        model_folder: the trainer folder ``<trainer>__<plans>__<configuration>``.
+        folds: the folds to predict with (``0``, ``"all"`` ...).
+        checkpoint: ``-chk``, the checkpoint file name; None for ``checkpoint_final.pth``.
+        calibrated: every fold's ``checkpoint_final_calibrated.pth`` (the temperature folded into the head);
+            where a fold lacks it but has ``calibration.json``, every fold uses ``checkpoint_final.pth`` and its
+            logits are divided by the fold's temperature instead (same probabilities up to nnU-Net's fp16
+            accumulation).
+        dataset, configuration, trainer, plans: the model, for the commands in messages.
+
+    Returns:
+        :class:`FoldModels`: the folder, the folds, the checkpoint name, the temperature per fold (1.0: none)
+        and how the calibration is applied.
+
+    Raises:
+        PredictionInputError: ``-chk`` other than the final checkpoints together with ``calibrated``; a fold
+            without the checkpoint; a checkpoint that does not load; with ``calibrated``, an unusable
+            calibration or a fold without calibration.
+        InputError: with ``calibrated`` and the temperature fallback, a ``calibration.json`` that cannot be
+            read or holds no valid temperature.
     """
     folds = [str(f) for f in folds]
     if calibrated and checkpoint not in (None, CHECKPOINT_FINAL, CALIBRATED_CHECKPOINT):
@@ -91,7 +111,17 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
 
 
 def check_checkpoints_load(model_folder: Path, folds: Sequence[str], name: str, fix: str) -> None:
-    """PredictionInputError naming the file unless every fold's checkpoint ``name`` loads as an nnU-Net checkpoint."""
+    """Check that every fold's checkpoint ``name`` loads as an nnU-Net checkpoint.
+
+    Args:
+        model_folder: the trainer folder.
+        folds: the folds.
+        name: the checkpoint file name in each fold folder.
+        fix: what to tell the user to do, appended to the message.
+
+    Raises:
+        PredictionInputError: naming the file when it cannot be loaded or holds no ``network_weights`` dict.
+    """
     for fold in folds:
         path = FoldFolder.in_trainer_folder(model_folder, fold).path / name
         try:
@@ -104,7 +134,16 @@ def check_checkpoints_load(model_folder: Path, folds: Sequence[str], name: str, 
 
 
 def check_input_channels(list_of_lists: list[list[str]], dataset_json: dict, input_folder: Path) -> None:
-    """PredictionInputError naming the case unless every case has one image file per channel of the model."""
+    """Check that every case has exactly one image file per channel of the model.
+
+    Args:
+        list_of_lists: per case, its image files (nnU-Net's input lists).
+        dataset_json: the model's dataset.json (``channel_names`` or ``modality``, ``file_ending``).
+        input_folder: ``-i``, for the message.
+
+    Raises:
+        PredictionInputError: naming the case, its files and the expected ones.
+    """
     channels = dataset_json.get("channel_names") or dataset_json.get("modality") or {}
     ending = dataset_json["file_ending"]
     for files in list_of_lists:
@@ -118,7 +157,17 @@ def check_input_channels(list_of_lists: list[list[str]], dataset_json: dict, inp
 
 
 def check_folders(input_folder: Path, output_folder: Path, model_files: Sequence[Path] = ()) -> None:
-    """PredictionInputError unless ``input_folder`` exists and the outputs stay clear of it and of ``model_files``."""
+    """Check that ``input_folder`` exists and the outputs stay clear of it and of ``model_files``.
+
+    Args:
+        input_folder: ``-i``.
+        output_folder: ``-o``; with its ``dataset.json`` and ``plans.json``, which predict writes.
+        model_files: the model's files that are read (e.g. its dataset.json and plans.json).
+
+    Raises:
+        PredictionInputError: ``input_folder`` is not a folder, or an output is an input file or lies in
+            ``input_folder``.
+    """
     if not input_folder.is_dir():
         raise PredictionInputError(f"-i {input_folder} is not a folder; pass the folder of input images")
     try:
@@ -183,7 +232,40 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             maps_dtype: str = "float32", device: str = "cuda", step_size: float = 0.5, disable_tta: bool = False,
             num_processes_preprocessing: int = 3, flag_rule: FlagRule | None = None,
             boundary_width: int = DEFAULT_BOUNDARY_WIDTH) -> Path:
-    """``nnunet-mbls predict``; returns the path of ``qc.csv``. See the module docstring and the README."""
+    """``nnunet-mbls predict``: segmentations, maps and QC of a folder of images. See the module docstring and
+    the README.
+
+    Args:
+        input_folder: ``-i``, images named as nnU-Net expects (``<case>_0000<ending>``, one file per channel).
+        output_folder: ``-o``: ``<case><ending>`` segmentations, ``maps/``, ``qc.csv``, ``qc.json``, and the
+            model's ``dataset.json`` and ``plans.json`` (as ``nnUNetv2_predict`` writes them).
+        dataset: dataset id or name.
+        configuration: a single-stage configuration (``2d``, ``3d_fullres``, ``3d_lowres``).
+        folds: the folds to ensemble (``0``, ``"all"`` ...).
+        trainer: the trainer class name.
+        plans: the plans identifier (default ``nnUNetPlans``).
+        checkpoint: ``-chk``, a checkpoint file name; None for ``checkpoint_final.pth``.
+        calibrated: predict with each fold's calibration (see :func:`resolve_folds`).
+        maps: map kinds to write (default none; see :data:`~nnunet_mbls.inference.MAP_KINDS`).
+        maps_dtype: ``"float32"`` (default) or ``"uint8"``.
+        device: the torch device (default ``"cuda"``); on the CPU torch uses every core, as nnUNetv2_predict does.
+        step_size: sliding-window step as a fraction of the patch size (default 0.5).
+        disable_tta: switch off mirroring test-time augmentation (default False).
+        num_processes_preprocessing: nnU-Net's background preprocessing workers (default 3); 0 preprocesses
+            sequentially in this process.
+        flag_rule: the QC flag rule; None (default) uses :func:`~nnunet_mbls.inference.qc.default_flag_rule`.
+        boundary_width: half-width in voxels of the boundary band of ``mean_entropy_boundary`` (default 2).
+
+    Returns:
+        The path of ``qc.csv``.
+
+    Raises:
+        PredictionInputError: a missing input folder or trained model, outputs over inputs, missing or
+            unloadable checkpoints or calibrations, ``mean_fold_dice`` with one fold, a cascade configuration,
+            no input images, or a case with the wrong channel files.
+        InputError: with ``calibrated``, a ``calibration.json`` that cannot be read (see :func:`resolve_folds`).
+        ValueError: an unknown map kind or dtype, or maps for a reorienting reader/writer.
+    """
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -267,7 +349,31 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
 
     Each ``<case>.npz`` (probabilities on the image grid) needs its ``<case>.pkl`` (spacing) and the
     segmentation ``<case><ending>`` nnU-Net wrote beside it (the geometry template). With a temperature, the
-    probabilities become normalize(p ** (1/T)) first (argmax, hence the segmentation, is unchanged).
+    probabilities become normalize(p ** (1/T)) first (argmax, hence the segmentation, is unchanged). The
+    output is staged: a bad case (or a kill) leaves ``output_folder`` as it was.
+
+    Args:
+        input_folder: ``-i``, a ``nnUNetv2_predict --save_probabilities`` output (with its ``dataset.json``;
+            its ``plans.json`` is read when present).
+        output_folder: ``-o``: ``maps/``, ``qc.csv`` and ``qc.json``.
+        temperature: ``-t``, T > 0; pass at most one of ``temperature`` and ``calibration_json``.
+        calibration_json: a ``calibration.json`` whose ``temperature`` is used.
+        maps: map kinds to write (default ``("probabilities",)``); ``mutual_information`` needs the folds'
+            predictions and is refused when the first case is written.
+        maps_dtype: ``"float32"`` (default) or ``"uint8"``.
+        flag_rule: the QC flag rule; None (default) uses the one-fold default; ``mean_fold_dice`` is refused.
+        boundary_width: half-width in voxels of the boundary band of ``mean_entropy_boundary`` (default 2).
+
+    Returns:
+        The path of ``qc.csv``.
+
+    Raises:
+        PredictionInputError: a missing input folder, ``dataset.json``, ``.npz`` files, ``.pkl`` or
+            segmentation; both ``temperature`` and ``calibration_json``; a ``mean_fold_dice`` flag rule.
+        InputError: a bad T or calibration file, an unreadable ``dataset.json``/``plans.json``, or a probability
+            file that cannot be used.
+        ValueError: outputs over the inputs, an unknown map kind or dtype, maps for a reorienting reader, or
+            ``mutual_information`` among ``maps``.
     """
     import SimpleITK as sitk
 

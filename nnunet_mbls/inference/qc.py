@@ -54,12 +54,21 @@ class FlagRule:
             raise ValueError(f"flag threshold must be a finite number, got {self.threshold!r}")
 
     def flags(self, scores: Mapping[str, float]) -> bool:
+        """Whether a case is flagged.
+
+        Args:
+            scores: the case's scores (:func:`case_scores`), holding :attr:`score`.
+
+        Returns:
+            True when the score is beyond the threshold (above for entropies, below for Dice) or NaN.
+        """
         value = float(scores[self.score])
         if math.isnan(value):
             return True
         return value > self.threshold if SCORE_DIRECTION[self.score] else value < self.threshold
 
     def describe(self) -> str:
+        """The rule as one sentence, for ``qc.json`` (e.g. ``flag = 1 when mean_entropy_fg > 0.3 or ...``)."""
         op = ">" if SCORE_DIRECTION[self.score] else "<"
         return f"flag = 1 when {self.score} {op} {self.threshold:g} or when it cannot be computed (NaN)"
 
@@ -72,12 +81,25 @@ def default_flag_rule(num_folds: int) -> FlagRule:
     cases (docs/BENCHMARKS.md, failure detection) ``mean_entropy_fg > 0.3`` flagged 2 of stock nnU-Net's cases
     (both among its 4 with Dice < τ) and 13 of MbLS's (3 of its 6), while the boundary entropy lay above 0.37 in
     every case: it depends on how much of an image is boundary, so it ranks cases but has no portable threshold.
+
+    Args:
+        num_folds: the number of folds that predict.
+
+    Returns:
+        ``FlagRule("mean_fold_dice", 0.8)`` with 2 or more folds, else ``FlagRule("mean_entropy_fg", 0.3)``.
     """
     return FlagRule("mean_fold_dice", 0.8) if num_folds >= 2 else FlagRule("mean_entropy_fg", 0.3)
 
 
 def voxel_volume_ml(spacing: Sequence[float]) -> float:
-    """Voxel volume in ml of nnU-Net spacing (mm, array order); the 2D marker axis counts as 1 mm."""
+    """Voxel volume in ml of nnU-Net spacing; the 2D marker axis (spacing 999) counts as 1 mm.
+
+    Args:
+        spacing: mm per axis, in nnU-Net's array order (the properties' ``spacing``).
+
+    Returns:
+        The product of the spacings / 1000.
+    """
     mm = [1.0 if float(s) == SPACING_2D_MARKER else float(s) for s in spacing]
     return float(np.prod(mm)) / 1000.0
 
@@ -92,8 +114,16 @@ def case_scores(segmentation: np.ndarray, probabilities: np.ndarray, spacing: Se
         probabilities: (C, *spatial) softmax probabilities of the same case.
         spacing: mm per axis of ``segmentation`` (nnU-Net's properties ``spacing``).
         foreground: label value -> name of every foreground label.
+        boundary_width: half-width in voxels of the band around the predicted label boundaries (default 2).
         fold_dice: the mean pairwise fold Dice, when the case was predicted by ≥ 2 folds.
-        entropy_map: the entropy of ``probabilities`` when already computed.
+        entropy_map: (*spatial) entropy of ``probabilities`` when already computed.
+
+    Returns:
+        ``volume_ml_<name>`` per foreground label, ``mean_entropy_fg``, ``mean_entropy_boundary`` (NaN where
+        the region is empty) and, with ``fold_dice``, ``mean_fold_dice``.
+
+    Raises:
+        ValueError: ``probabilities`` and ``segmentation`` differ in spatial shape.
     """
     if probabilities.shape[1:] != segmentation.shape:
         raise ValueError(f"probabilities {probabilities.shape} and segmentation {segmentation.shape} differ in shape")
@@ -112,7 +142,17 @@ def case_scores(segmentation: np.ndarray, probabilities: np.ndarray, spacing: Se
 
 def write_qc_table(rows: Mapping[str, Mapping[str, float]], rule: FlagRule, out_folder: str | os.PathLike,
                    settings: Mapping) -> Path:
-    """``qc.csv`` (one row per case, the scores and ``flag``) and ``qc.json`` (settings, rule, rows)."""
+    """Write ``qc.csv`` (one row per case, the scores and ``flag``) and ``qc.json`` (settings, rule, rows).
+
+    Args:
+        rows: case -> its scores (:func:`case_scores`); a score a case lacks is written as NaN.
+        rule: the flag rule.
+        out_folder: the folder to write both files into (each atomically).
+        settings: what produced the scores (command, model, maps, ...), stored in ``qc.json``.
+
+    Returns:
+        The path of ``qc.csv``.
+    """
     out = Path(out_folder)
     flagged = {case: rule.flags(scores) for case, scores in rows.items()}
     columns = list(dict.fromkeys(k for scores in rows.values() for k in scores))

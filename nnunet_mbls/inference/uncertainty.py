@@ -21,9 +21,16 @@ CHUNK_VOXELS = 2**20
 
 
 def entropy(probs: Tensor | np.ndarray) -> Tensor | np.ndarray:
-    """Predictive entropy −Σ_k p_k ln p_k over the class axis of probs (C, *spatial), in nats, float32.
+    """Predictive entropy −Σ_k p_k ln p_k over the class axis, in nats.
 
-    Same type as the input (numpy in, numpy out). 0 · ln 0 counts as 0.
+    0 · ln 0 counts as 0; computed in float32 chunks of :data:`CHUNK_VOXELS` voxels, and rounding below 0
+    is clipped.
+
+    Args:
+        probs: (C, *spatial) probabilities, numpy or tensor, any float dtype.
+
+    Returns:
+        (*spatial) float32 entropy, same type as the input (numpy in, numpy out; a tensor stays on its device).
     """
     is_numpy = isinstance(probs, np.ndarray)
     p = torch.as_tensor(probs)
@@ -37,7 +44,16 @@ def entropy(probs: Tensor | np.ndarray) -> Tensor | np.ndarray:
 
 
 def dice_per_label(a: np.ndarray, b: np.ndarray, labels: Sequence[int]) -> list[float]:
-    """Dice of label maps ``a`` and ``b`` for each label; NaN where both are empty."""
+    """Dice of two label maps for each label.
+
+    Args:
+        a: integer label map, any shape.
+        b: integer label map of the same shape.
+        labels: the label values to compare.
+
+    Returns:
+        One Dice per label, in the order of ``labels``; NaN where both maps lack the label.
+    """
     out = []
     for label in labels:
         in_a, in_b = a == label, b == label
@@ -51,6 +67,13 @@ def mean_pairwise_dice(segmentations: Sequence[np.ndarray], labels: Sequence[int
 
     Per pair, labels empty in both segmentations are left out; a pair where every label is empty in both
     counts as agreement (1.0).
+
+    Args:
+        segmentations: one label map per fold, all of one shape.
+        labels: the foreground label values.
+
+    Returns:
+        The mean, a float; NaN with fewer than 2 segmentations.
     """
     if len(segmentations) < 2:
         return float("nan")
@@ -77,7 +100,11 @@ class FoldStatistics:
         self.segmentations: list[np.ndarray] = []
 
     def add(self, logits: Tensor) -> None:
-        """One fold's logits (C, *spatial), any float dtype."""
+        """Add one fold's prediction to the running sums (with neither keep flag only the fold count grows).
+
+        Args:
+            logits: (C, *spatial) logits of one fold, any float dtype; softmax is taken in float32.
+        """
         self.num_folds += 1
         if not (self.keep_probabilities or self.keep_segmentations):
             return
@@ -90,11 +117,25 @@ class FoldStatistics:
             self.segmentations.append(logits.argmax(0).to(torch.uint8 if logits.shape[0] <= 256 else torch.int16).cpu().numpy())
 
     def mutual_information(self) -> Tensor:
-        """MI (*spatial) float32 in nats: H(mean_k p_k) − mean_k H(p_k), ≥ 0 (float rounding clipped)."""
+        """Mutual information H(mean_k p_k) − mean_k H(p_k) over the folds added.
+
+        Returns:
+            (*spatial) float32 tensor in nats, ≥ 0 (float rounding clipped); 0 with one fold.
+
+        Raises:
+            ValueError: built without ``keep_probabilities``, or no fold added yet.
+        """
         if self.prob_sum is None:
             raise ValueError("mutual information needs keep_probabilities=True and at least one fold added")
         return (entropy(self.prob_sum / self.num_folds) - self.entropy_sum / self.num_folds).clamp_(min=0)
 
     def fold_dice(self, labels: Sequence[int]) -> float:
-        """Mean pairwise Dice of the folds' segmentations (NaN with fewer than 2 folds)."""
+        """Mean pairwise Dice of the folds' segmentations (:func:`mean_pairwise_dice`).
+
+        Args:
+            labels: the foreground label values.
+
+        Returns:
+            The mean, a float; NaN with fewer than 2 folds kept (built without ``keep_segmentations``: none).
+        """
         return mean_pairwise_dice(self.segmentations, labels)

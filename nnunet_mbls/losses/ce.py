@@ -18,5 +18,10 @@ class CELoss(SegmentationLoss):
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean cross entropy of ``logits`` against ``target``, computed in float32.
+
+        ``logits`` (B, C, *spatial), ``target`` (B, 1, *spatial) or (B, *spatial), and the errors: as
+        :meth:`SegmentationLoss.prepare`. Returns the scalar mean over the non-ignored voxels (0 if none).
+        """
         logits, target, mask = self.prepare(logits, target)
         return masked_mean(cross_entropy_map(logits, target), mask)

@@ -19,10 +19,29 @@ class _EntropyPenaltyTerms(VoxelTerms):
         self.weight = weight
 
     def value(self, x: Tensor, t: Tensor) -> Tensor:
+        """Per-voxel −log p_y + w · Σ_k p_k log p_k.
+
+        Args:
+            x: (B, C, n) float32 logits of a chunk (not modified).
+            t: (B, 1, n) int64 labels.
+
+        Returns:
+            (B, n) loss per voxel.
+        """
         log_p = torch.log_softmax(x, dim=1)
         return nll(log_p, t).add_((log_p.exp() * log_p).sum(dim=1), alpha=self.weight)
 
     def gradient(self, x: Tensor, grad: Tensor, t: Tensor) -> Tensor:
+        """Gradient softmax − onehot + w · p_k (log p_k − Σ_j p_j log p_j), times ``grad``.
+
+        Args:
+            x: (B, C, n) float32 logits of a chunk (not modified).
+            grad: (B, 1, n) incoming gradient of each voxel's loss.
+            t: (B, 1, n) int64 labels.
+
+        Returns:
+            (B, C, n) new tensor: the gradient with respect to ``x``.
+        """
         log_p = torch.log_softmax(x, dim=1)  # finite even where p underflows to 0, unlike log(p)
         p = log_p.exp()
         neg_entropy = (p * log_p).sum(dim=1, keepdim=True)
@@ -47,10 +66,16 @@ class EntropyPenaltyLoss(SegmentationLoss):
 
     @property
     def hyper_parameters(self) -> dict[str, float]:
+        """``{"alpha": α}``, for logs and tables."""
         return {"alpha": self.alpha}
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """CE − α · mean entropy of ``logits`` against ``target``, computed in float32.
+
+        ``logits`` (B, C, *spatial), ``target`` (B, 1, *spatial) or (B, *spatial), and the errors: as
+        :meth:`SegmentationLoss.prepare`. Returns the scalar mean over the non-ignored voxels (0 if none).
+        """
         logits, target, mask = self.prepare(logits, target)
         per_voxel = voxelwise_loss(logits, _EntropyPenaltyTerms(self.alpha / logits.shape[1]), target)
         return masked_mean(per_voxel, mask)

@@ -23,10 +23,16 @@ class FocalLoss(SegmentationLoss):
 
     @property
     def hyper_parameters(self) -> dict[str, float]:
+        """``{"gamma": γ}``, for logs and tables."""
         return {"gamma": self.gamma}
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Focal loss of ``logits`` against ``target``, computed in float32.
+
+        ``logits`` (B, C, *spatial), ``target`` (B, 1, *spatial) or (B, *spatial), and the errors: as
+        :meth:`SegmentationLoss.prepare`. Returns the scalar mean over the non-ignored voxels (0 if none).
+        """
         logits, target, mask = self.prepare(logits, target)
         nll = cross_entropy_map(logits, target)
         p_true = (-nll).exp()

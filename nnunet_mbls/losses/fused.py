@@ -33,16 +33,47 @@ class VoxelTerms:
     """
 
     def value(self, x: Tensor, *targets: Tensor) -> Tensor:
-        """Per-voxel loss (B, n)."""
+        """Per-voxel loss of one chunk.
+
+        Args:
+            x: (B, C, n) float32 logits (must not be modified).
+            *targets: the chunks of the targets, each (B, k, n): label maps (B, 1, n) int64, soft targets (B, C, n).
+
+        Returns:
+            (B, n) loss per voxel.
+
+        Raises:
+            NotImplementedError: always; subclasses implement it.
+        """
         raise NotImplementedError
 
     def gradient(self, x: Tensor, grad: Tensor, *targets: Tensor) -> Tensor:
-        """d(Σ_v grad_v · value_v) / d x as a new (B, C, n) tensor; grad (B, 1, n)."""
+        """d(Σ_v grad_v · value_v) / d x of one chunk.
+
+        Args:
+            x: (B, C, n) float32 logits (must not be modified).
+            grad: (B, 1, n) incoming gradient of each voxel's loss.
+            *targets: the chunks of the targets, as in :meth:`value`.
+
+        Returns:
+            (B, C, n) new tensor.
+
+        Raises:
+            NotImplementedError: always; subclasses implement it.
+        """
         raise NotImplementedError
 
 
 def voxel_chunks(flat: Tensor) -> list[slice]:
-    """Slices of the voxel axis of ``flat`` (B, C, V) such that a block holds about CHUNK_ELEMENTS elements."""
+    """Slices of the voxel axis such that a block holds about ``CHUNK_ELEMENTS`` elements.
+
+    Args:
+        flat: (B, C, V) logits with the spatial axes flattened.
+
+    Returns:
+        Slices covering 0..V in order: blocks of max(1, CHUNK_ELEMENTS // (B * C)) voxels on the CPU, one
+        slice of all V voxels on CUDA.
+    """
     batch, classes, voxels = flat.shape
     width = voxels if flat.is_cuda else max(1, CHUNK_ELEMENTS // (batch * classes))
     return [slice(start, start + width) for start in range(0, voxels, width)]
@@ -55,6 +86,17 @@ def _flat(t: Tensor, voxels: int) -> Tensor:
 class _VoxelwiseLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, terms: VoxelTerms, *targets: Tensor) -> Tensor:
+        """Per-voxel loss map, chunk by chunk; saves only ``logits`` and ``targets`` for backward.
+
+        Args:
+            ctx: autograd's context.
+            logits: (B, C, *spatial) float32 logits.
+            terms: the per-voxel value and gradient formulas.
+            *targets: (B, *spatial) label maps or (B, C, *spatial) soft targets.
+
+        Returns:
+            (B, *spatial) loss per voxel.
+        """
         ctx.save_for_backward(logits, *targets)
         ctx.terms = terms
         x = logits.reshape(logits.shape[0], logits.shape[1], -1)
@@ -67,6 +109,16 @@ class _VoxelwiseLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        """Gradient with respect to the logits, chunk by chunk, from ``terms.gradient``.
+
+        Args:
+            ctx: autograd's context, holding the saved logits, targets and terms.
+            grad: (B, *spatial) incoming gradient of the loss map.
+
+        Returns:
+            ((B, C, *spatial) gradient of the logits, None for ``terms``, None for every target): no
+            gradient flows into the targets.
+        """
         logits, *targets = ctx.saved_tensors
         x = logits.reshape(logits.shape[0], logits.shape[1], -1)
         flat_targets = [_flat(t, x.shape[2]) for t in targets]
@@ -78,24 +130,58 @@ class _VoxelwiseLoss(torch.autograd.Function):
 
 
 def voxelwise_loss(logits: Tensor, terms: VoxelTerms, *targets: Tensor) -> Tensor:
-    """Per-voxel loss map of ``terms``: logits (B, C, *sp) float, targets (B, *sp) label maps or
-    (B, C, *sp) soft targets (no gradient flows into them) -> (B, *sp)."""
+    """Per-voxel loss map of ``terms``, evaluated chunk by chunk with its hand-written gradient.
+
+    Args:
+        logits: (B, C, *spatial) float logits.
+        terms: the per-voxel value and gradient formulas (:class:`VoxelTerms`).
+        *targets: (B, *spatial) label maps or (B, C, *spatial) soft targets; no gradient flows into them.
+
+    Returns:
+        (B, *spatial) loss per voxel.
+    """
     return _VoxelwiseLoss.apply(logits, terms, *targets)
 
 
 def onehot(t: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """(B, 1, n) integer labels -> (B, C, n) one-hot of ``dtype``, as a broadcast float comparison (several
-    times faster on the CPU than scatter/gather along the class axis)."""
+    """One-hot encoding of integer labels as a broadcast float comparison.
+
+    The comparison is several times faster on the CPU than scatter/gather along the class axis.
+
+    Args:
+        t: (B, 1, n) integer labels.
+        num_classes: C, the length of the class axis.
+        dtype: dtype of the result (and of the comparison).
+
+    Returns:
+        (B, C, n) one-hot of ``dtype``.
+    """
     classes = torch.arange(num_classes, device=t.device, dtype=dtype).view(1, -1, 1)
     out = torch.empty((t.shape[0], num_classes, t.shape[2]), dtype=dtype, device=t.device)
     return torch.eq(t.to(dtype), classes, out=out)
 
 
 def subtract_onehot_(grad: Tensor, t: Tensor) -> Tensor:
-    """grad − onehot(t) in place, e.g. softmax − onehot = the cross-entropy gradient: (B, C, n), (B, 1, n)."""
+    """grad − onehot(t) in place, e.g. softmax − onehot = the cross-entropy gradient.
+
+    Args:
+        grad: (B, C, n) float tensor, modified in place.
+        t: (B, 1, n) integer labels.
+
+    Returns:
+        ``grad`` itself, (B, C, n).
+    """
     return grad.sub_(onehot(t, grad.shape[1], grad.dtype))
 
 
 def nll(log_p: Tensor, t: Tensor) -> Tensor:
-    """−log_p[t] per voxel: (B, C, n), (B, 1, n) -> (B, n)."""
+    """−log_p[t] per voxel.
+
+    Args:
+        log_p: (B, C, n) log-probabilities.
+        t: (B, 1, n) int64 labels.
+
+    Returns:
+        (B, n) negative log-likelihood per voxel.
+    """
     return F.nll_loss(log_p, t.squeeze(1), reduction="none")

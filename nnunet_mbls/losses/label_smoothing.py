@@ -26,10 +26,16 @@ class LabelSmoothingLoss(SegmentationLoss):
 
     @property
     def hyper_parameters(self) -> dict[str, float]:
+        """``{"alpha": α}``, for logs and tables."""
         return {"alpha": self.alpha}
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Label-smoothed cross entropy of ``logits`` against ``target``, computed in float32.
+
+        ``logits`` (B, C, *spatial), ``target`` (B, 1, *spatial) or (B, *spatial), and the errors: as
+        :meth:`SegmentationLoss.prepare`. Returns the scalar mean over the non-ignored voxels (0 if none).
+        """
         logits, target, mask = self.prepare(logits, target)
         # torch's label smoothing is exactly this target: one log_softmax instead of log_softmax + logsumexp
         per_voxel = F.cross_entropy(logits, target, reduction="none", label_smoothing=self.alpha)

@@ -30,6 +30,15 @@ class _MarginTerms(VoxelTerms):
         self.margin, self.weight = margin, weight
 
     def value(self, x: Tensor, *t: Tensor) -> Tensor:
+        """Per-voxel weight · Σ_k relu(max_j x_j − x_k − m), plus cross entropy when a label map is given.
+
+        Args:
+            x: (B, C, n) float32 logits of a chunk (not modified).
+            *t: nothing (the penalty alone) or one (B, 1, n) int64 label map (cross entropy + penalty).
+
+        Returns:
+            (B, n) loss per voxel.
+        """
         shifted = x - x.amax(dim=1, keepdim=True)  # <= 0, 0 at the maximum
         value = torch.add(shifted, self.margin).clamp_max_(0).sum(dim=1).mul_(-self.weight)  # w Σ relu(-s - m)
         if not t:
@@ -38,6 +47,16 @@ class _MarginTerms(VoxelTerms):
         return value.add_(shifted.exp_().sum(dim=1).log_())
 
     def gradient(self, x: Tensor, grad: Tensor, *t: Tensor) -> Tensor:
+        """Gradient of :meth:`value` with respect to ``x``, times ``grad``.
+
+        Args:
+            x: (B, C, n) float32 logits of a chunk (not modified).
+            grad: (B, 1, n) incoming gradient of each voxel's loss.
+            *t: nothing or one (B, 1, n) int64 label map, as in :meth:`value`.
+
+        Returns:
+            (B, C, n) new tensor; tied maxima share the penalty's gradient equally.
+        """
         shifted = x - x.amax(dim=1, keepdim=True)
         if not t:
             return _penalty_gradient(shifted, self.margin).mul_(grad).mul_(self.weight)
@@ -46,7 +65,16 @@ class _MarginTerms(VoxelTerms):
 
 
 def margin_penalty_map(logits: Tensor, margin: float) -> Tensor:
-    """Σ_k relu(max_j l_j − l_k − margin) per voxel: (B, C, *spatial) -> (B, *spatial); margin >= 0."""
+    """The MbLS margin penalty Σ_k relu(max_j l_j − l_k − margin) per voxel (unweighted, no cross entropy).
+
+    Args:
+        logits: (B, C, *spatial) float logits l.
+        margin: tolerated logit distance m; must be >= 0 (not checked here; the gradient relies on it, see
+            ``_penalty_gradient``).
+
+    Returns:
+        (B, *spatial) penalty per voxel, differentiable with respect to ``logits``.
+    """
     return voxelwise_loss(logits, _MarginTerms(margin, 1.0))
 
 
@@ -71,10 +99,16 @@ class MbLSLoss(SegmentationLoss):
 
     @property
     def hyper_parameters(self) -> dict[str, float]:
+        """``{"margin": m, "lam": λ}``, for logs and tables."""
         return {"margin": self.margin, "lam": self.lam}
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """CE + λ · margin penalty of ``logits`` against ``target``, in one chunked float32 pass.
+
+        ``logits`` (B, C, *spatial), ``target`` (B, 1, *spatial) or (B, *spatial), and the errors: as
+        :meth:`SegmentationLoss.prepare`. Returns the scalar mean over the non-ignored voxels (0 if none).
+        """
         logits, target, mask = self.prepare(logits, target)
         per_voxel = voxelwise_loss(logits, _MarginTerms(self.margin, self.lam / logits.shape[1]), target)
         return masked_mean(per_voxel, mask)
@@ -120,6 +154,18 @@ class MbLSDiceLoss(MbLSLoss):
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """nnU-Net's Dice loss plus :meth:`MbLSLoss.forward` (CE + λ · margin penalty), in float32.
+
+        Args:
+            logits: (B, C, *spatial) raw network outputs, any float dtype (fp16/bf16 under autocast).
+            target: (B, 1, *spatial) or (B, *spatial) integer labels, the ignore label still in place.
+
+        Returns:
+            Scalar tensor: nnU-Net's Dice term + the mean CE and penalty over the non-ignored voxels.
+
+        Raises:
+            ValueError: the shapes do not fit (see :meth:`SegmentationLoss.prepare`).
+        """
         logits = logits.float()  # once, for both terms (fp16/bf16 under autocast)
         ce_and_penalty = super().forward(logits, target)  # also validates the inputs
         # nnU-Net's loss wants (B, 1, *spatial) with the ignore label still in place

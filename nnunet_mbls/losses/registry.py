@@ -28,7 +28,20 @@ USES_NNUNET_DICE = frozenset({"mbls_dice"})
 
 
 def build_loss(name: str, **kwargs: Any) -> SegmentationLoss:
-    """Instantiate the loss registered under ``name`` with keyword arguments ``kwargs``."""
+    """Instantiate the loss registered under ``name`` in :data:`LOSSES`.
+
+    Args:
+        name: one of ``ce``, ``focal``, ``ls``, ``ecp``, ``svls``, ``nacl``, ``mbls``, ``mbls_dice``.
+        **kwargs: keyword arguments of that loss's constructor (hyper-parameters, ``ignore_label``; for the
+            losses in :data:`USES_NNUNET_DICE` also ``batch_dice`` and ``ddp``).
+
+    Returns:
+        The loss module.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the known names), or a hyper-parameter is
+            invalid (raised by the loss's constructor).
+    """
     if name not in LOSSES:
         raise ValueError(f"loss name {name!r} is unknown; choose one of {sorted(LOSSES)}")
     return LOSSES[name](**kwargs)

@@ -29,9 +29,21 @@ from .fused import VoxelTerms, nll, subtract_onehot_, voxelwise_loss
 
 
 def svls_taps(sigma: float, spatial_dims: int) -> tuple[list[float], float]:
-    """The SVLS authors' kernel in separable form, unnormalised: the 3-tap Gaussian [e, 1, e],
-    e = exp(−1 / (2σ²)), on every axis, plus ``centre_extra`` at the centre, which raises the centre
-    weight to the sum of its neighbours, (1 + 2e)^d − 1."""
+    """The SVLS authors' kernel in separable form, unnormalised.
+
+    The 3-tap Gaussian [e, 1, e], e = exp(−1 / (2σ²)), on every axis, plus ``centre_extra`` at the centre,
+    which raises the centre weight to the sum of its neighbours, (1 + 2e)^d − 1.
+
+    Args:
+        sigma: Gaussian σ > 0.
+        spatial_dims: d, the number of spatial axes (2 or 3 in the losses).
+
+    Returns:
+        ``(taps, centre_extra)``: the taps [e, 1, e] and the weight to add at the centre.
+
+    Raises:
+        ValueError: ``sigma`` is not a number > 0.
+    """
     check_positive("sigma", sigma)
     edge = math.exp(-1 / (2 * sigma**2))
     return [edge, 1.0, edge], (1 + 2 * edge) ** spatial_dims - 2
@@ -39,8 +51,20 @@ def svls_taps(sigma: float, spatial_dims: int) -> tuple[list[float], float]:
 
 def svls_kernel(sigma: float, spatial_dims: int) -> Tensor:
     """The SVLS authors' 3×3(×3) kernel: a Gaussian whose centre weight is replaced by the sum of
-    its neighbours, normalised to sum 1. For σ = 1 in 2D: centre 0.5, edges 0.0778, corners 0.0472.
-    Returns shape (3,) * spatial_dims, float32 (built from :func:`svls_taps`, which the loss uses).
+    its neighbours, normalised to sum 1.
+
+    For σ = 1 in 2D: centre 0.5, edges 0.0778, corners 0.0472. Built from :func:`svls_taps`, which the
+    loss uses.
+
+    Args:
+        sigma: Gaussian σ > 0.
+        spatial_dims: number of spatial axes.
+
+    Returns:
+        Tensor of shape (3,) * spatial_dims, float32, summing to 1.
+
+    Raises:
+        ValueError: ``sigma`` is not a number > 0.
     """
     taps, centre_extra = svls_taps(sigma, spatial_dims)
     kernel = torch.ones(())
@@ -68,13 +92,23 @@ def _pad_labels(labels: Tensor, radius: int, replicate: bool, fill: int) -> Tens
 def smoothed_onehot(labels: Tensor, num_classes: int, taps: list[float], centre_extra: float = 0.0,
                     replicate: bool = False, normalise: bool = False) -> Tensor:
     """onehot(labels) convolved with the kernel taps ⊗ ... ⊗ taps (one factor per spatial axis) plus
-    ``centre_extra`` at the centre: (B, *spatial) int64 -> (B, C, *spatial) float32.
+    ``centre_extra`` at the centre.
 
-    Labels equal to ``num_classes`` (e.g. ignored voxels) have a zero one-hot vector. Borders: the
-    labels are replicated (``replicate``) or the one-hot is zero padded. ``normalise`` divides each
-    voxel's vector by its sum (a voxel whose whole neighbourhood is excluded gets zeros). The kernel is
-    separable, so each axis is a (2r+1)-tap pass, and the work is done in slabs along the first spatial
-    axis (one slab on CUDA) so that temporaries stay small (see :mod:`nnunet_mbls.losses.fused`).
+    The kernel is separable, so each axis is a (2r+1)-tap pass, and the work is done in slabs along the
+    first spatial axis (one slab on CUDA) so that temporaries stay small (see :mod:`nnunet_mbls.losses.fused`).
+
+    Args:
+        labels: (B, *spatial) int64 labels in [0, num_classes]; labels equal to ``num_classes`` (e.g.
+            ignored voxels) have a zero one-hot vector.
+        num_classes: C.
+        taps: the 1-D kernel, 2r+1 weights, applied on every spatial axis.
+        centre_extra: weight added at the kernel's centre (default 0).
+        replicate: borders: replicate the edge labels (True) or zero-pad the one-hot (False, default).
+        normalise: divide each voxel's vector by its sum (a voxel whose whole neighbourhood is excluded gets
+            zeros); default False.
+
+    Returns:
+        (B, C, *spatial) float32 smoothed one-hot.
     """
     radius = len(taps) // 2
     padded = _pad_labels(labels, radius, replicate, fill=num_classes)
@@ -110,9 +144,28 @@ class _SoftTargetTerms(VoxelTerms):
     """Per voxel −Σ_k s_k log p_k for soft targets s summing to 1; gradient softmax − s."""
 
     def value(self, x: Tensor, soft: Tensor) -> Tensor:
+        """Per-voxel −Σ_k s_k log p_k.
+
+        Args:
+            x: (B, C, n) float32 logits of a chunk (not modified).
+            soft: (B, C, n) soft targets s.
+
+        Returns:
+            (B, n) loss per voxel.
+        """
         return (torch.log_softmax(x, dim=1) * soft).sum(dim=1).neg_()
 
     def gradient(self, x: Tensor, grad: Tensor, soft: Tensor) -> Tensor:
+        """Gradient (softmax − s) · grad.
+
+        Args:
+            x: (B, C, n) float32 logits of a chunk (not modified).
+            grad: (B, 1, n) incoming gradient of each voxel's loss.
+            soft: (B, C, n) soft targets s.
+
+        Returns:
+            (B, C, n) new tensor.
+        """
         return torch.softmax(x, dim=1).sub_(soft).mul_(grad)
 
 
@@ -123,9 +176,30 @@ class _NACLTerms(VoxelTerms):
         self.weight = weight
 
     def value(self, x: Tensor, t: Tensor, soft: Tensor) -> Tensor:
+        """Per-voxel −log p_y + w · Σ_k |s_k − l_k|.
+
+        Args:
+            x: (B, C, n) float32 logits l of a chunk (not modified).
+            t: (B, 1, n) int64 labels.
+            soft: (B, C, n) mean-filtered one-hot labels s.
+
+        Returns:
+            (B, n) loss per voxel.
+        """
         return nll(torch.log_softmax(x, dim=1), t).add_((soft - x).abs_().sum(dim=1), alpha=self.weight)
 
     def gradient(self, x: Tensor, grad: Tensor, t: Tensor, soft: Tensor) -> Tensor:
+        """Gradient (softmax − onehot + w · sign(l − s)) · grad.
+
+        Args:
+            x: (B, C, n) float32 logits l of a chunk (not modified).
+            grad: (B, 1, n) incoming gradient of each voxel's loss.
+            t: (B, 1, n) int64 labels.
+            soft: (B, C, n) mean-filtered one-hot labels s.
+
+        Returns:
+            (B, C, n) new tensor.
+        """
         d = subtract_onehot_(torch.softmax(x, dim=1), t)
         return d.add_(torch.sub(x, soft).sign_(), alpha=self.weight).mul_(grad)
 
@@ -147,10 +221,23 @@ class SVLSLoss(SegmentationLoss):
 
     @property
     def hyper_parameters(self) -> dict[str, float]:
+        """``{"sigma": σ}``, for logs and tables."""
         return {"sigma": self.sigma}
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross entropy of ``logits`` against the SVLS-smoothed one-hot ``target``, computed in float32.
+
+        Args:
+            logits: (B, C, H, W) or (B, C, D, H, W) raw network outputs, any float dtype.
+            target: (B, 1, *spatial) or (B, *spatial) integer labels.
+
+        Returns:
+            Scalar tensor: the mean over the non-ignored voxels (0 when every voxel is ignored).
+
+        Raises:
+            ValueError: the shapes do not fit (see :meth:`SegmentationLoss.prepare`), or the input is not 2D/3D.
+        """
         logits, target, mask = self.prepare(logits, target)
         _check_spatial_dims(logits)
         num_classes = logits.shape[1]
@@ -180,10 +267,23 @@ class NACLLoss(SegmentationLoss):
 
     @property
     def hyper_parameters(self) -> dict[str, float]:
+        """``{"alpha": α, "kernel_size": k}``, for logs and tables."""
         return {"alpha": self.alpha, "kernel_size": self.kernel_size}
 
     @float32_no_autocast
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """CE + α · L1 distance of ``logits`` to the mean-filtered one-hot ``target``, computed in float32.
+
+        Args:
+            logits: (B, C, H, W) or (B, C, D, H, W) raw network outputs, any float dtype.
+            target: (B, 1, *spatial) or (B, *spatial) integer labels.
+
+        Returns:
+            Scalar tensor: the mean over the non-ignored voxels (0 when every voxel is ignored).
+
+        Raises:
+            ValueError: the shapes do not fit (see :meth:`SegmentationLoss.prepare`), or the input is not 2D/3D.
+        """
         logits, target, mask = self.prepare(logits, target)
         _check_spatial_dims(logits)
         num_classes = logits.shape[1]

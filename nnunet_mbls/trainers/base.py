@@ -20,6 +20,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
 from ..defaults import MAX_VOXELS
+from ..errors import InputError
 from ..layout import FoldFolder
 from ..locks import fold_lock
 from ..losses import LOSSES, build_loss
@@ -34,7 +35,7 @@ def deep_supervision_weights(num_scales: int, is_ddp: bool, compiled: bool) -> n
     return weights / weights.sum()
 
 
-class RegionBasedDatasetError(ValueError):
+class RegionBasedDatasetError(InputError):
     """A softmax loss was asked to train a region-based (overlapping sigmoid outputs) dataset."""
 
 

@@ -2,7 +2,7 @@
 
 This is the one source of truth: each trainer class in :mod:`nnunet_mbls.trainers.variants` takes its
 ``loss_name`` and ``loss_kwargs`` from here (:func:`loss_of`), and ``nnunet-mbls trainers`` prints this table
-without building the classes (which would import nnU-Net and torch). ``tests/test_packaging.py`` checks that
+without building the classes (which would import nnU-Net and torch). ``tests/trainers/test_catalog.py`` checks that
 the catalog, the classes and the loss registry agree.
 """
 

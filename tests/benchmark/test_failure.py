@@ -1,4 +1,4 @@
-"""Failure detection (risk-coverage, AURC, E-AURC, failure AUROC, bootstrap) against naive references.
+"""nnunet_mbls.benchmark.failure: risk-coverage, AURC, E-AURC, failure AUROC and bootstrap against naive references.
 
 The references here are computed differently from the module: explicit Python loops over coverage
 levels, brute-force enumeration of every ordering of tied cases, pairwise Mann-Whitney counts,
@@ -25,10 +25,11 @@ from nnunet_mbls.benchmark.failure import (
     e_aurc,
     failure_labels,
     optimal_aurc,
-    plot_risk_coverage,
     risk_coverage,
     summarise_failure_detection,
 )
+
+from helpers.failure import synthetic_cases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,14 +76,6 @@ def naive_pairwise_auroc(failed: list[bool], score: list[float]) -> float:
                 elif score[i] == score[j]:
                     wins += 0.5
     return wins / pairs
-
-
-def synthetic_cases(n: int, seed: int, noise: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
-    """Dice in [0, 1] and an uncertainty loosely related to 1 - Dice."""
-    rng = np.random.default_rng(seed)
-    dice = np.clip(rng.beta(6, 1.5, size=n), 0, 1)
-    score = (1 - dice) + rng.normal(0, noise, size=n)
-    return dice, score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +327,7 @@ def test_bootstrap_auroc_with_rare_failures_drops_one_class_resamples():
 
 
 # ---------------------------------------------------------------------------------------------
-# summary and plot
+# summary
 
 
 def test_summary_values_types_and_json():
@@ -374,47 +367,3 @@ def test_summary_without_failures_keeps_aurc_and_explains_auroc():
     assert math.isnan(entry["auroc"]["value"]) and entry["auroc"]["n_boot_used"] == 0
     assert "no failed case" in entry["auroc_undefined_reason"]
     assert math.isfinite(entry["aurc"]["value"]) and entry["aurc"]["n_boot_used"] == 20
-
-
-def test_plot_risk_coverage_writes_a_png_atomically(tmp_path):
-    dice, score = synthetic_cases(30, 0)
-    risk = 1 - dice
-    curves = {"entropy": risk_coverage(risk, score), "optimal": risk_coverage(risk, risk),
-              "other trainer": risk_coverage(risk[:20], score[:20])}
-    path = plot_risk_coverage(curves, tmp_path / "plots" / "risk_coverage.png", title="test")
-    assert path == tmp_path / "plots" / "risk_coverage.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
-    assert [p.name for p in path.parent.iterdir()] == ["risk_coverage.png"]  # no temporary file left
-    with pytest.raises(ValueError, match=r"curves\['bad'\]\[1\] \(risk\)` has 3 values but `curves\['bad'\]\[0\] \(coverage\)` has 2"):
-        plot_risk_coverage({"bad": ([0.5, 1.0], [0.1, 0.2, 0.3])}, tmp_path / "x.png", title="t")
-    with pytest.raises(ValueError, match="non-empty dict"):
-        plot_risk_coverage({}, tmp_path / "x.png", title="t")
-    assert not (tmp_path / "x.png").exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# validation
-
-
-@pytest.mark.parametrize("call, pattern", [
-    (lambda: aurc([0.1, 0.2], [0.1, 0.2, 0.3]), r"`score` has 3 values but `risk` has 2; pass one value per case"),
-    (lambda: aurc([0.1, math.nan], [0.1, 0.2]), r"`risk` contains nan at case index 1 .*drop cases"),
-    (lambda: e_aurc([0.1, 0.2], [0.1, math.inf]), r"`score` contains inf at case index 1"),
-    (lambda: risk_coverage([], []), r"`risk` is empty"),
-    (lambda: aurc([[0.1, 0.2]], [0.1, 0.2]), r"`risk` must be 1-D .*shape \(1, 2\)"),
-    (lambda: auroc_failure([0.5, 95.0], [0.1, 0.2], 0.5), r"`dice` must lie in \[0, 1\]; case index 1 has 95.0; .*percentages"),
-    (lambda: auroc_failure([0.5, math.nan], [0.1, 0.2], 0.5), r"`dice` contains nan at case index 1"),
-    (lambda: auroc_failure([0.5, 0.6], [0.1], 0.5), r"`score` has 1 values but `dice` has 2"),
-    (lambda: failure_labels([0.5], math.nan), r"`tau` must be finite; got nan"),
-    (lambda: failure_labels([0.5], "high"), r"`tau` must be a number.*'high'"),
-    (lambda: default_tau([0.5, math.nan]), r"`baseline_dice` contains nan"),
-    (lambda: bootstrap_ci(np.mean, [1.0, 2.0], [1.0]), r"`arrays\[1\]` has 1 cases but `arrays\[0\]` has 2"),
-    (lambda: bootstrap_ci(np.mean, [1.0], n_boot=0), r"`n_boot` must be a positive integer; got 0"),
-    (lambda: bootstrap_ci(np.mean, [1.0], level=95), r"`level` must lie strictly between 0 and 1; got 95"),
-    (lambda: bootstrap_ci(np.mean), r"at least one per-case array"),
-    (lambda: summarise_failure_detection([0.5, 0.6], {"a": [0.1]}, 0.5), r"`scores\['a'\]` has 1 values but `dice` has 2"),
-    (lambda: summarise_failure_detection([0.5, 0.6], {"a": [0.1, math.nan]}, 0.5), r"`scores\['a'\]` contains nan"),
-])
-def test_validation_names_argument_value_and_fix(call, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        call()

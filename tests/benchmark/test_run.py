@@ -1,20 +1,17 @@
-"""The benchmark, its cluster jobs and the demo, on tiny real nnU-Net runs (CPU)."""
+"""nnunet_mbls.benchmark.run: ``nnunet-mbls benchmark`` trains, calibrates, tabulates and resumes, and redoes a
+failed calibration step without retraining, on tiny real nnU-Net runs (CPU)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import re
-import subprocess
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import wilcoxon
 
-from conftest import BIN
-
 pytestmark = pytest.mark.integration  # every test trains/plans with nnU-Net or runs the demo
+
 
 TRAINERS = ["nnUNetTrainerStock_test", "nnUNetTrainerMbLS_test"]
 
@@ -85,98 +82,6 @@ def test_benchmark_trains_calibrates_tabulates_and_resumes(trained_stock_3d, tmp
     proc = nn.run(*args, "--train", training=True)
     assert proc.stdout.count("done already") == 2
     assert {t: (p.stat().st_mtime_ns, (p.parent / "calibration.json").stat().st_mtime_ns) for t, p in checkpoints.items()} == stamps
-
-
-def test_interrupted_benchmark_training_continues_from_the_latest_checkpoint(nnunet_3d, tmp_path):
-    """A fold with only checkpoint_latest.pth (an interrupted run) continues instead of restarting."""
-    nn, dataset = nnunet_3d
-    trainer = "nnUNetTrainerCE_test"
-    nn.train(501, "3d_fullres", trainer, "2")
-    fold = nn.fold_folder(dataset, trainer, "3d_fullres", 2)
-    # make it look interrupted after epoch 0 of 2: only a latest checkpoint, saved at epoch 0
-    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    checkpoint["current_epoch"] = 1  # nnU-Net stores the next epoch to run
-    checkpoint["logging"] = {key: values[:1] for key, values in checkpoint["logging"].items()}
-    torch.save(checkpoint, fold / "checkpoint_latest.pth")
-    (fold / "checkpoint_final.pth").unlink()
-    (fold / "calibration.json").unlink()
-    logs_before = set(fold.glob("training_log_*.txt"))
-    nn.run("nnunet-mbls", "benchmark", "-d", "501", "-c", "3d_fullres", "-f", "2", "-tr", trainer, "--baseline", trainer,
-           "--train", "-device", "cpu", "-o", str(tmp_path / "bench"), training=True)
-    new_log = "".join(p.read_text() for p in set(fold.glob("training_log_*.txt")) - logs_before)
-    assert re.search(r": Epoch 1\s*$", new_log, re.M) and not re.search(r": Epoch 0\s*$", new_log, re.M)
-    assert "nnunet-mbls loss: CELoss (ce)" in new_log
-    assert (fold / "checkpoint_final.pth").is_file() and (fold / "calibration.json").is_file()
-
-
-def test_emit_jobs_run_with_xargs_then_collect(trained_stock_3d, tmp_path):
-    nn, dataset, _ = trained_stock_3d
-    grid = ["-d", "501", "-c", "3d_fullres", "-f", "0", "3", "-tr", *TRAINERS, "--baseline", "nnUNetTrainerStock_test"]
-    jobs = tmp_path / "jobs"
-    nn.run("nnunet-mbls", "benchmark", *grid, "--emit-jobs", str(jobs), "--device-for-jobs", "cpu")
-    finished = {(t, f) for t in TRAINERS for f in ("0", "3") if (nn.fold_folder(dataset, t, "3d_fullres", int(f)) / "calibration.json").is_file()}
-    lines = (jobs / "jobs.txt").read_text().splitlines()
-    assert len(lines) == 4 - len(finished) >= 2  # fold 3 of both trainers at least
-    assert all(f"-tr {t} " in l for l in lines for t in [l.split("-tr ")[1].split()[0]])
-    sbatch = (jobs / "jobs.sbatch").read_text()
-    assert f"#SBATCH --array=1-{len(lines)}" in sbatch
-    assert subprocess.run(["bash", "-n", str(jobs / "jobs.sbatch")]).returncode == 0
-
-    # before running anything: collect names the missing cells instead of averaging over fewer folds
-    proc = nn.run("nnunet-mbls", "benchmark", *grid, "--collect", "-o", str(tmp_path / "bench"))
-    results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
-    assert any("fold 3 nnUNetTrainerMbLS_test" in m for m in results["missing_cells"])
-    assert "Missing cells" in proc.stdout
-
-    # run the jobs locally, two at a time, as a user without a cluster would
-    env = dict(nn.env, nnUNet_n_proc_DA="0")
-    run = subprocess.run(["bash", "-c", f"xargs -d '\\n' -P 2 -I CMD bash -c CMD < {jobs / 'jobs.txt'}"], env=env,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    nn.run("nnunet-mbls", "benchmark", *grid, "--emit-jobs", str(jobs))
-    assert (jobs / "jobs.txt").read_text() == ""
-    assert len((jobs / "jobs_done.txt").read_text().splitlines()) == 4
-    nn.run("nnunet-mbls", "benchmark", *grid, "--collect", "-o", str(tmp_path / "bench"))
-    results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
-    assert results["missing_cells"] == []
-    for trainer in TRAINERS:
-        assert sorted(results["rows"][trainer]["folds_done"]) == ["0", "3"]
-    splits = json.loads((nn.preprocessed / dataset / "splits_final.json").read_text())
-    for trainer in TRAINERS:
-        assert results["rows"][trainer]["num_cases"] == len(splits[0]["val"]) + len(splits[3]["val"])
-
-    # two folds: one temperature shared by them (pooled out-of-fold fit), and with --vector-scaling its vector rows;
-    # measured only: the folds' calibration files and checkpoints are not touched
-    stamps = {t: (nn.fold_folder(dataset, t, "3d_fullres") / "checkpoint_final_calibrated.pth").stat().st_mtime_ns
-              for t in TRAINERS}
-    nn.run("nnunet-mbls", "benchmark", *grid, "--collect", "--vector-scaling", "-device", "cpu", "-o", str(tmp_path / "bench"))
-    results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
-    md = (tmp_path / "bench" / dataset / "results.md").read_text()
-    for trainer in TRAINERS:
-        row = results["rows"][trainer]
-        assert row["stages"] == ["before", "after", "shared", "vector"] and 0.05 <= row["shared_temperature"] <= 20
-        assert row["ece_shared"]["n"] == row["num_cases"] and row["ece_vector"]["n"] == row["num_cases"]
-        assert row["vector_scaling"]["method"]["requested"] == "vector" and len(row["vector_scaling"]["vector_scaling"]["scale"]) == 4
-        assert (nn.fold_folder(dataset, trainer, "3d_fullres") / "checkpoint_final_calibrated.pth").stat().st_mtime_ns == stamps[trainer]
-    assert "After one temperature shared by the folds" in md and "After vector scaling" in md
-
-
-def test_demo_quick_end_to_end(tmp_path):
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("nnUNet_")}
-    proc = subprocess.run([str(BIN / "nnunet-mbls"), "demo", "--quick", "-o", str(tmp_path / "demo"), "-device", "cpu"],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = tmp_path / "demo"
-    assert (out / "nnUNet_raw" / "Dataset989_MbLSSyntheticQuick" / "dataset.json").is_file()
-    results = out / "benchmark" / "Dataset989_MbLSSyntheticQuick"
-    assert "| nnUNetTrainerMbLS |" in proc.stdout and "| nnUNetTrainer |" in proc.stdout
-    data = json.loads((results / "results.json").read_text())
-    assert set(data["rows"]) == {"nnUNetTrainer", "nnUNetTrainerMbLS"} and data["missing_cells"] == []
-    for trainer in ("nnUNetTrainer", "nnUNetTrainerMbLS"):
-        fold = out / "nnUNet_results" / "Dataset989_MbLSSyntheticQuick" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
-        assert (fold / "checkpoint_final_calibrated.pth").is_file()
-        qc = (out / "predict" / trainer / "qc.csv").read_text().splitlines()
-        assert len(qc) == 1 + 2 and (out / "predict" / trainer / "maps" / f"{qc[1].split(',')[0]}_entropy.nii.gz").is_file()
 
 
 def test_a_failed_calibration_step_keeps_the_training_and_is_redone_without_retraining(nnunet_3d, tmp_path):

@@ -1,4 +1,4 @@
-"""Calibration metrics, regions and reliability diagrams against independent references."""
+"""nnunet_mbls.calibration.metrics: calibration metrics against independent references (torchmetrics, naive loops)."""
 
 from __future__ import annotations
 
@@ -9,25 +9,9 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassCalibrationError
 
-from nnunet_mbls.calibration import (METRIC_KEYS, CalibrationAccumulator, aggregate, bin_index, plot_reliability,
-                                     region_mask)
+from nnunet_mbls.calibration import METRIC_KEYS, CalibrationAccumulator, aggregate, bin_index
 
-N_BINS = 15
-
-
-def random_case(c: int, shape: tuple[int, ...], seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities (C, *shape) float32 and labels (*shape) sampled from a sharper softmax,
-    with voxels whose probabilities lie within 1e-3 of an inner bin edge relabelled to a fresh draw
-    (so the (lower, upper] and [lower, upper) conventions agree on every voxel)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((c, *shape), generator=g) * scale
-    probs = torch.softmax(z, dim=0)
-    scaled = probs.double() * N_BINS
-    near_edge = ((scaled - scaled.round()).abs() < 1e-3) & (scaled.round() >= 1) & (scaled.round() <= N_BINS - 1)
-    probs[:, near_edge.any(dim=0)] = torch.softmax(torch.tensor([0.31, 0.0] + [-1.0] * (c - 2)), 0)[:, None]
-    flat = torch.softmax(1.5 * z, dim=0).reshape(c, -1).T
-    target = torch.multinomial(flat, 1, generator=g).reshape(shape)
-    return probs, target
+from helpers.probabilities import N_BINS, random_case
 
 
 def naive_reference(p: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> dict:
@@ -503,98 +487,3 @@ def test_fine_bins_are_ordered_by_confidence_and_hold_what_their_edges_say(dtype
     below = (N_BINS - 1) * acc.fine_per_bin
     from_fine = np.bincount(np.minimum(index // acc.fine_per_bin, N_BINS - 1), minlength=N_BINS)
     assert index[index >= below].size == int(coarse[-1]) and (from_fine == coarse.numpy()).all()
-
-
-# ---- regions: a 6 x 7 label image checked by hand -------------------------------------------------
-LABELS = np.array(
-    [
-        [0, 0, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0, 0, 9],
-        [0, 0, 0, 0, 0, 0, 9],
-        [0, 0, 0, 0, 0, 0, 0],
-        [2, 0, 0, 0, 0, 0, 0],
-    ]
-)
-
-
-def grid(rows: str) -> np.ndarray:
-    return np.array([[c == "x" for c in row.split()] for row in rows.strip().splitlines()])
-
-
-def test_region_fg_and_all_with_crop_box():
-    fg = region_mask(LABELS, "fg", ignore_label=9)
-    assert fg.dtype == bool and fg.shape == LABELS.shape
-    assert np.array_equal(fg, np.isin(LABELS, [1, 2]))
-    assert region_mask(LABELS, "fg").sum() == 7  # without ignore_label, 9 counts as foreground
-    box = region_mask(LABELS, "all", ignore_label=9, crop_bbox=[[0, 5], [1, 7]])
-    expected = grid(
-        """
-        . x x x x x x
-        . x x x x x x
-        . x x x x x .
-        . x x x x x .
-        . x x x x x x
-        . . . . . . .
-        """
-    )
-    assert np.array_equal(box, expected)
-    assert region_mask(LABELS, "all").all()
-
-
-def test_region_boundary_band_hand_checked():
-    width1 = grid(
-        """
-        x x x x . . .
-        x x x x . . .
-        x x x x . . .
-        x x x x . . .
-        x x . . . . .
-        x x . . . . .
-        """
-    )
-    width2 = grid(
-        """
-        x x x x x . .
-        x x x x x . .
-        x x x x x . .
-        x x x x x . .
-        x x x x x . .
-        x x x . . . .
-        """
-    )
-    # the ignore voxels (label 9) neither belong to the band nor make their neighbours a boundary
-    assert np.array_equal(region_mask(LABELS, "boundary", ignore_label=9, boundary_width=1), width1)
-    assert np.array_equal(region_mask(LABELS, "boundary", ignore_label=9), width2)
-    no_ignore = region_mask(LABELS, "boundary", boundary_width=1)
-    assert no_ignore[1, 5] and no_ignore[2, 6]  # treated as a label, 9 would create a boundary
-
-
-def test_region_tensor_input_3d_and_errors():
-    labels = torch.zeros(3, 4, 5, dtype=torch.int16)
-    labels[1, 1:3, 1:4] = 1
-    band = region_mask(labels, "boundary", boundary_width=1)
-    assert isinstance(band, torch.Tensor) and band.dtype == torch.bool
-    assert int(band.sum()) == 3 * 4 * 5  # every voxel is within one voxel of the small block
-    assert torch.equal(region_mask(labels, "fg"), labels != 0)
-    assert not region_mask(torch.ones(3, 4, 5, dtype=torch.long), "boundary").any()  # the image border is no boundary
-    with pytest.raises(ValueError, match="fg, all, boundary"):
-        region_mask(LABELS, "foreground")
-    with pytest.raises(ValueError, match="crop_bbox"):
-        region_mask(LABELS, "all", crop_bbox=[[0, 9], [0, 7]])
-    with pytest.raises(ValueError, match="boundary_width"):
-        region_mask(LABELS, "boundary", boundary_width=0)
-
-
-# ---- reliability diagram ----------------------------------------------------------------------------
-def test_plot_reliability_writes_png(tmp_path):
-    probs, target = random_case(3, (30, 30), seed=16)
-    acc = CalibrationAccumulator(3)
-    acc.update(probs, target)
-    curve = {**acc.reliability(), "ece": acc.compute()["ece"]}
-    for curves in ({"raw": curve}, {"raw": curve, "other": acc.reliability()}):
-        out = plot_reliability(curves, tmp_path / "rel.png", title="test")
-        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel.png"]  # no temporary file left behind
-    with pytest.raises(ValueError, match="count"):
-        plot_reliability({"bad": {"bin_lower": [0.0]}}, tmp_path / "bad.png")

@@ -1,13 +1,10 @@
-"""Vector scaling: the fit recovers a known per-class map, cross-validation over cases guards against
-over-fitting, and folding the map into a checkpoint gives exactly scale * logits + bias."""
+"""nnunet_mbls.calibration.vector: vector scaling's fit recovers a known per-class map, and cross-validation over
+cases guards against over-fitting."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from torch import nn
 
-from nnunet_mbls.calibration.checkpoint import fold_logit_affine_into_checkpoint
 from nnunet_mbls.calibration.vector import choose_vector_or_temperature, fit_vector_scaling, vector_nll
 
 
@@ -45,37 +42,3 @@ def test_cross_validation_picks_vector_when_classes_need_their_own_scale():
 def test_one_case_cannot_be_cross_validated():
     z, y, groups = sample([1.0] * 3, [0.0] * 3, cases=1, per_case=500, seed=3)
     assert choose_vector_or_temperature(z, y, groups)["chosen"] == "temperature"
-
-
-class Head(nn.Module):
-    """The two last decoder layers of an nnU-Net: a 3x3 convolution, then the linear 1x1 head."""
-
-    def __init__(self):
-        super().__init__()
-        self.decoder = nn.Module()
-        self.decoder.seg_layers = nn.ModuleList([nn.Conv2d(4, 3, 1), nn.Conv2d(4, 3, 1)])
-        self.body = nn.Conv2d(2, 4, 3, padding=1)
-
-    def forward(self, x):
-        return self.decoder.seg_layers[1](torch.relu(self.body(x)))
-
-
-def test_folding_a_per_class_map_gives_scale_times_logits_plus_bias(tmp_path):
-    torch.manual_seed(0)
-    net = Head()
-    src, dst = tmp_path / "checkpoint_final.pth", tmp_path / "checkpoint_final_calibrated.pth"
-    torch.save({"network_weights": net.state_dict(), "optimizer_state": {"x": 1}}, src)
-    scale, bias = torch.tensor([0.5, 2.0, 1.25]), torch.tensor([0.0, -1.0, 0.75])
-    modified = fold_logit_affine_into_checkpoint(src, dst, scale, bias)
-    assert modified == ["decoder.seg_layers.1.weight", "decoder.seg_layers.1.bias"]
-    folded = torch.load(dst, weights_only=False)
-    assert "optimizer_state" not in folded and folded["mbls_logit_affine"]["bias"] == pytest.approx(bias.tolist())
-    calibrated = Head()
-    calibrated.load_state_dict(folded["network_weights"])
-    x = torch.randn(2, 2, 5, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(calibrated(x), net(x) * scale[:, None, None] + bias[:, None, None])
-    with pytest.raises(ValueError, match="scale must be > 0"):
-        fold_logit_affine_into_checkpoint(src, tmp_path / "bad.pth", [1.0, -1.0, 1.0], 0.0)
-    with pytest.raises(ValueError, match="3 finite values"):
-        fold_logit_affine_into_checkpoint(src, tmp_path / "bad.pth", [1.0, 1.0], 0.0)

@@ -1,4 +1,5 @@
-"""Dataset generators: real nnU-Net planning/verification on tiny generated data (CPU)."""
+"""nnunet_mbls.data.synthetic: the synthetic datasets, reproducible, with the structures and labels they promise,
+refusing to overwrite, and passing real nnU-Net planning (CPU)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_mbls.data.ch2 import find_mricron_dir, make_ch2_deepgm_dataset
 from nnunet_mbls.data.synthetic import make_synthetic_dataset
-from nnunet_mbls.data.totalseg import (TOTAL_CLASS_IDS, fetch_totalseg_example, make_totalseg_abdomen_dataset,
-                                       read_total_class_map)
 
-
-def _read(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def _cases(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    labels = sorted((folder / "labelsTr").glob("*.nii.gz"))
-    return [(_read(folder / "imagesTr" / p.name.replace(".nii.gz", "_0000.nii.gz")), _read(p)) for p in labels]
+from helpers.datasets import dataset_cases
 
 
 def _nnunet_env(root: Path) -> dict[str, str]:
@@ -33,12 +24,6 @@ def _nnunet_env(root: Path) -> dict[str, str]:
                nnUNet_results=str(root / "results"), nnUNet_def_n_proc="1")
     env.pop("nnUNet_n_proc_DA", None)  # 0 there crashes plan_and_preprocess
     return env
-
-
-def _verify(folder: Path) -> None:
-    """nnU-Net's own dataset check (spawns one worker)."""
-    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
-    verify_dataset_integrity(str(folder), num_processes=1)
 
 
 @pytest.mark.integration
@@ -86,7 +71,7 @@ def test_synthetic_2d_structures_present_and_intensities_overlap(tmp_path: Path)
     assert meta["channel_names"] == {"0": "MRI"} and meta["numTraining"] == 8 and meta["file_ending"] == ".nii.gz"
     img = sitk.ReadImage(str(folder / "imagesTr" / "case_0000_0000.nii.gz"))
     assert img.GetSize() == (64, 64, 1) and img.GetSpacing() == (1.0, 1.0, 1.0)
-    cases = _cases(folder)
+    cases = dataset_cases(folder)
     assert len(cases) == 8
     for image, labels in cases:
         assert image.shape == labels.shape == (1, 64, 64) and labels.dtype == np.uint8
@@ -103,7 +88,7 @@ def test_synthetic_ignore_label_is_highest(tmp_path: Path) -> None:
     folder = make_synthetic_dataset(tmp_path, num_cases=4, shape=(32, 32, 32), ignore_label=True)
     labels = json.loads((folder / "dataset.json").read_text())["labels"]
     assert labels["ignore"] == max(labels.values()) == 4
-    seen = set().union(*(np.unique(lab).tolist() for _, lab in _cases(folder)))
+    seen = set().union(*(np.unique(lab).tolist() for _, lab in dataset_cases(folder)))
     assert seen == {0, 1, 2, 3, 4}
 
 
@@ -128,45 +113,3 @@ def test_refuses_to_overwrite_and_validates_arguments(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=arg):
             make_synthetic_dataset(tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
-
-
-def test_missing_sources_raise_with_instructions(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="sudo apt-get install mricron-data"):
-        find_mricron_dir(tmp_path)
-    with pytest.raises(RuntimeError, match="source_dir"):
-        fetch_totalseg_example(tmp_path)
-
-
-def test_ch2_deepgm_dataset(tmp_path: Path) -> None:
-    try:
-        find_mricron_dir()
-    except RuntimeError as e:  # only when apt-get could not install mricron-data
-        pytest.skip(f"Colin27/AAL source unavailable: {e}")
-    folder = make_ch2_deepgm_dataset(tmp_path, num_cases=3)
-    meta = json.loads((folder / "dataset.json").read_text())
-    assert meta["labels"] == {"background": 0, "caudate": 1, "putamen": 2, "pallidum": 3, "thalamus": 4,
-                              "hippocampus": 5, "amygdala": 6}
-    assert meta["channel_names"] == {"0": "MRI"} and "ONE subject" in meta["description"]
-    cases = _cases(folder)
-    for image, labels in cases:
-        assert max(image.shape) <= 64 and image.dtype == np.float32
-        assert set(np.unique(labels)) == set(range(7))
-    assert not np.array_equal(cases[0][1], cases[1][1])  # warps differ
-    assert sitk.ReadImage(str(folder / "labelsTr" / "case_0000.nii.gz")).GetSpacing() == (2.0, 2.0, 2.0)
-    _verify(folder)
-
-
-def test_totalseg_abdomen_dataset(tmp_path: Path) -> None:
-    try:
-        source = fetch_totalseg_example()
-    except RuntimeError as e:  # only when pip could not download the sdist
-        pytest.skip(f"TotalSegmentator sdist unavailable: {e}")
-    assert read_total_class_map(source / "map_to_binary.py").items() >= TOTAL_CLASS_IDS.items()
-    folder = make_totalseg_abdomen_dataset(tmp_path, num_cases=2)
-    meta = json.loads((folder / "dataset.json").read_text())
-    assert meta["labels"] == {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "stomach": 4, "pancreas": 5}
-    assert meta["channel_names"] == {"0": "CT"} and "MODEL-MADE" in meta["description"]
-    for image, labels in _cases(folder):
-        assert image.dtype == np.int16 and -1100 < np.median(image) < 200
-        assert set(np.unique(labels)) == set(range(6))
-    _verify(folder)

@@ -1,6 +1,7 @@
 """Generated datasets covering the geometries nnU-Net handles, planned once per test session.
 
-Used by the geometry matrix (test_geometry_matrix.py) and the prediction tests (test_predict.py).
+Used by the geometry matrix (integration/test_geometry_matrix.py), the prediction tests (inference/test_predict.py)
+and the ensemble tests (calibration/folds/test_ensemble.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import SimpleITK as sitk
 
 from nnunet_mbls.data.synthetic import make_synthetic_dataset
 
-from conftest import NnUNet
-from nnunet_fp16 import nonzero_box, sliding_window_weight
+from helpers.nnunet import NnUNet
+from helpers.nnunet_fp16 import nonzero_box, sliding_window_weight
 
 
 def rotation(degrees_z: float, degrees_x: float) -> tuple[float, ...]:

@@ -1,8 +1,8 @@
-"""``nnunet-mbls predict`` and ``maps`` against nnU-Net's own predictions, on a transposed, anisotropic,
-rotated, two-channel dataset (geometry ``thick_last``) with two folds of a short MbLS trainer.
+"""nnunet_mbls.inference.predict: ``nnunet-mbls predict`` and ``maps`` against nnU-Net's own predictions.
 
-Independent references: ``nnUNetv2_predict`` of the same folds and checkpoints (segmentation, ensemble
-probabilities, each fold's probabilities), numpy formulas for entropy and mutual information, Dice of
+On a transposed, anisotropic, rotated, two-channel dataset (geometry ``thick_last``) with two folds of a short
+MbLS trainer. Independent references: ``nnUNetv2_predict`` of the same folds and checkpoints (segmentation,
+ensemble probabilities, each fold's probabilities), numpy formulas for entropy and mutual information, Dice of
 nnU-Net's per-fold segmentations, and volumes from the segmentation and the raw image spacing.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from geometry_datasets import GEOMETRIES, Planned, array, planned, read
-from nnunet_fp16 import assert_close_where_fp16_is_normal
+from helpers.geometry_datasets import GEOMETRIES, Planned, array, planned, read
+from helpers.nnunet_fp16 import assert_close_where_fp16_is_normal
 
 pytestmark = pytest.mark.integration  # every test uses the `run` fixture: nnU-Net training and prediction
 

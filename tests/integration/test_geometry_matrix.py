@@ -29,8 +29,8 @@ import pytest
 
 from nnunet_mbls.geometry import crop_box
 
-from geometry_datasets import GEOMETRIES, VALIDATION, Geometry, Planned, array, planned, read
-from nnunet_fp16 import assert_close_where_fp16_is_normal
+from helpers.geometry_datasets import GEOMETRIES, VALIDATION, Geometry, Planned, array, planned, read
+from helpers.nnunet_fp16 import assert_close_where_fp16_is_normal
 
 pytestmark = pytest.mark.integration  # every test plans/trains/predicts with nnU-Net
 

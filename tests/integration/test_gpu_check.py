@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, NnUNet
 
 from nnunet_mbls.losses import LOSSES
+
+from helpers.nnunet import REPO, NnUNet
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 ANCHOR = "DC_and_CE"

@@ -11,7 +11,8 @@ import SimpleITK as sitk
 
 from nnunet_mbls.data.synthetic import make_synthetic_dataset
 
-from conftest import NnUNet
+from helpers.nnunet import NnUNet
+
 
 TRAINER = "nnUNetTrainerMbLS_test"
 
@@ -60,14 +61,3 @@ def test_msd_task_converts_plans_and_benchmarks(tmp_path):
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     dice = [np.nanmean([m["Dice"] for m in e["metrics"].values()]) for e in summary["metric_per_case"]]
     assert results["rows"][TRAINER]["dice_before"]["mean"] == pytest.approx(np.nanmean(dice), rel=1e-9)
-
-
-def test_msd_layout_refuses_bad_names_and_counts(tmp_path):
-    from nnunet_mbls.data.msd import task_folder_name, write_msd_task
-
-    with pytest.raises(ValueError, match="no '_'"):
-        task_folder_name(5, "My_Task")
-    source = make_synthetic_dataset(tmp_path / "raw", dataset_id=22, num_cases=2, shape=(16, 16))
-    with pytest.raises(ValueError, match="num_test=2 is invalid.*2 cases"):
-        write_msd_task(source, tmp_path / "msd", 22, "Small", num_test=2)
-    assert not (tmp_path / "msd" / "Task22_Small").exists()

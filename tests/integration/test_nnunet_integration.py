@@ -13,8 +13,8 @@ import torch
 
 from nnunet_mbls.data.synthetic import make_synthetic_dataset
 
-from conftest import NnUNet
-from nnunet_fp16 import assert_close_where_fp16_is_normal, fp16_normal, sliding_window_weight
+from helpers.nnunet import NnUNet
+from helpers.nnunet_fp16 import assert_close_where_fp16_is_normal, fp16_normal, sliding_window_weight
 
 pytestmark = pytest.mark.integration  # every test plans/trains/predicts with nnU-Net (directly or via nnunet_3d)
 

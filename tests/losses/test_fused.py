@@ -1,4 +1,5 @@
-"""Gradients of every loss against autograd through plain, unfused torch formulas (float64 references).
+"""nnunet_mbls.losses.fused: gradients of every loss against autograd through plain, unfused torch formulas
+(float64 references), and chunked evaluation giving the one-chunk value and gradient.
 
 The losses may use hand-written or chunked gradients for speed; these references are the textbook
 formulas written with ordinary autograd-tracked torch ops.
@@ -12,9 +13,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nnunet_mbls.losses import build_loss, svls_kernel
+from nnunet_mbls.losses import LOSSES, build_loss, svls_kernel
 
-IGNORE = 3
+from helpers.losses import DEFAULTS, IGNORE, make_inputs
 
 
 def plain_reference(name: str, logits: torch.Tensor, target: torch.Tensor, ignore: int | None, **hp) -> torch.Tensor:
@@ -87,23 +88,6 @@ def test_gradient_equals_autograd_of_the_plain_formula(name, spatial, ignore):
     torch.testing.assert_close(x.grad.double(), 1.7 * ref_x.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_mbls_dice_gradient_is_nnunet_dice_ce_plus_the_plain_margin_gradient():
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 4, 6, 5, 4, generator=g) * 3
-    target = torch.randint(0, 4, (2, 1, 6, 5, 4), generator=g)
-    ref = logits.clone().requires_grad_()
-    dc_ce = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
-                           weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    gap = ref.max(1, keepdim=True).values - ref
-    (dc_ce(ref, target) + 0.5 * F.relu(gap - 2.0).mean()).backward()
-    x = logits.clone().requires_grad_()
-    build_loss("mbls_dice", margin=2.0, lam=0.5)(x, target).backward()
-    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("name", ["mbls", "ce", "focal", "ecp"])
 def test_gradcheck_float64(name):
     """torch.autograd.gradcheck on tiny inputs (finite differences, independent of any formula)."""
@@ -121,3 +105,20 @@ def test_gradcheck_float64(name):
         minus[idx] -= eps
         numeric[idx] = (loss(plus, target) - loss(minus, target)).double() / (2 * eps)
     torch.testing.assert_close(analytic.double(), numeric, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_chunked_evaluation_gives_the_same_value_and_gradient(name, monkeypatch):
+    from nnunet_mbls.losses import fused
+
+    logits, target = make_inputs((5, 6, 7), with_ignore=True, seed=9)
+    loss = build_loss(name, ignore_label=IGNORE, **DEFAULTS.get(name, {}))
+    results = []
+    for chunk in (fused.CHUNK_ELEMENTS, 7):  # one chunk, then many uneven ones (and several slabs)
+        monkeypatch.setattr(fused, "CHUNK_ELEMENTS", chunk)
+        x = logits.float().requires_grad_()
+        value = loss(x, target)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)

@@ -1,5 +1,8 @@
-"""One temperature for the fold ensemble, a held-out calibration set, and the fit region, on the transposed,
-rotated, two-channel dataset (``thick_last``) with two folds of stock nnU-Net (test budget).
+"""nnunet_mbls.calibration.folds.ensemble (and .vector_scaling): one calibration for an ensemble of folds.
+
+One temperature for the fold ensemble, a held-out calibration set, the fit region, and vector scaling, on the
+transposed, rotated, two-channel dataset (``thick_last``) with two folds of stock nnU-Net (test budget). Kept in one
+module: its ``folds`` fixture trains two folds.
 
 Independent references: the temperature minimising the NLL of the pooled out-of-fold voxels found with
 scipy's bounded scalar minimiser on numpy arrays read from nnU-Net's files (crop boxes from the raw images),
@@ -16,8 +19,8 @@ import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from geometry_datasets import GEOMETRIES, VALIDATION, VALIDATION_FOLD_1, array, planned
-from nnunet_fp16 import assert_close_where_fp16_is_normal, fp16_normal
+from helpers.geometry_datasets import GEOMETRIES, VALIDATION, VALIDATION_FOLD_1, array, planned
+from helpers.nnunet_fp16 import assert_close_where_fp16_is_normal, fp16_normal
 
 pytestmark = pytest.mark.integration  # every test uses the `folds` fixture: nnU-Net training of two folds
 
