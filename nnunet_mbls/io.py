@@ -214,17 +214,18 @@ def staged_output(folder: str | os.PathLike) -> Iterator[Path]:
 
     Files written under the staging folder (subfolders included) are moved to the same relative paths in
     ``folder`` at the end of the block, each in one rename; on an exception the staging folder is removed and
-    ``folder`` is as it was (removed again if the block created it). After a kill, the staging folder is a
+    ``folder`` is as it was (removed again, with the parents the block created, if it did not exist). After a kill, the staging folder is a
     hidden partial folder, removed by the next write into ``folder``.
 
     Args:
-        folder: the output folder (created if needed; removed again if it ends up empty and did not exist).
+        folder: the output folder (created with its parents if needed; those it created are removed again if
+            they end up empty).
 
     Yields:
         The staging folder, inside ``folder``.
     """
     folder = Path(folder)
-    existed = folder.exists()
+    created = [f for f in (folder, *folder.parents) if not f.exists()]  # innermost first
     staging = _partial_folder(folder)
     try:
         yield staging
@@ -236,8 +237,9 @@ def staged_output(folder: str | os.PathLike) -> Iterator[Path]:
                 os.replace(Path(root) / name, target / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if not existed and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        for made in created:  # folders this block created and left empty go again
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
 
 
 def file_sha256(path: str | os.PathLike) -> str:

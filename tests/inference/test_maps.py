@@ -70,7 +70,7 @@ def test_maps_bad_case_into_a_new_folder_creates_nothing(tmp_path):
     src = _maps_folder(tmp_path)
     with np.load(src / "case_001.npz") as data:
         write_probs(src / "case_001.npz", _bad(data["probabilities"], "NaN"))
-    one_error_line(run_cli("maps", "-i", str(src), "-o", str(tmp_path / "new")), "maps")
+    one_error_line(run_cli("maps", "-i", str(src), "-o", str(tmp_path / "new" / "deeper")), "maps")
     assert not (tmp_path / "new").exists()
 
 
