@@ -77,10 +77,10 @@ def default_flag_rule(num_folds: int) -> FlagRule:
     """Fold disagreement when there is an ensemble, else the mean entropy over the predicted foreground.
 
     The thresholds are starting points, not universal constants: tune them on your validation cases (the
-    benchmark's ``cases.csv`` lists every score next to the Dice of each case). On the demo's 40 out-of-fold
-    cases (docs/BENCHMARKS.md, failure detection) ``mean_entropy_fg > 0.3`` flagged 2 of stock nnU-Net's cases
-    (both among its 4 with Dice < τ) and 13 of MbLS's (3 of its 6), while the boundary entropy lay above 0.37 in
-    every case: it depends on how much of an image is boundary, so it ranks cases but has no portable threshold.
+    benchmark's ``cases.csv`` lists every score next to the Dice of each case). The entropy threshold and the
+    choice of the foreground over the boundary entropy come from the demo's 40 out-of-fold cases
+    (docs/BENCHMARKS.md, section 4): the boundary entropy depends on how much of an image is boundary, so it
+    ranks cases but has no portable threshold.
 
     Args:
         num_folds: the number of folds that predict.
