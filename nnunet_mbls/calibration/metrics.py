@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from nnunet_mbls.calibration._inputs import check_positive_int, flatten_case, iter_chunks
-
-METRIC_KEYS = ("ece", "cece", "nll", "brier", "mce", "ece_adaptive")
+from nnunet_mbls.calibration.aggregate import METRIC_KEYS, aggregate  # noqa: F401  (importable from here as before)
+from nnunet_mbls.calibration.bins import _float_bin_index, bin_index  # noqa: F401  (importable from here as before)
 NLL_FLOOR = 1e-12  #: p_target is clamped to at least this before the log
 
 #: Equal-width fine confidence bins behind ``ece_adaptive`` (rounded up to a multiple of n_bins, so that
@@ -44,24 +44,6 @@ ADAPTIVE_FINE_BINS = 4096
 ADAPTIVE_TAIL_PER_OCTAVE = 32
 #: ... down to 1 - confidence = 2**-24 (float32's resolution just below 1); smaller gaps share the last bin with p = 1.
 ADAPTIVE_TAIL_END = 24
-
-
-def bin_index(p: Tensor, n_bins: int) -> Tensor:
-    """Bin of each probability: clamp(ceil(p * n_bins) - 1, 0, n_bins - 1), i.e. (lower, upper] bins.
-
-    Args:
-        p: probabilities, any shape, float.
-        n_bins: number of equal-width bins over [0, 1].
-
-    Returns:
-        int64 tensor of the same shape as ``p``, values in [0, n_bins).
-    """
-    return _float_bin_index(p, n_bins).long()
-
-
-def _float_bin_index(p: Tensor, n_bins: int) -> Tensor:
-    """:func:`bin_index` as a new float tensor of p's dtype (small integers are exact; float ops are faster)."""
-    return (p * n_bins).ceil_().sub_(1).clamp_(0, n_bins - 1)
 
 
 #: Elements (classes x voxels) per update chunk: the (C, n) temporaries (up to 8 MiB) are reused by the
@@ -404,35 +386,3 @@ class CalibrationAccumulator:
         self._states = {
             k: t.detach().to(device=device, dtype=torch.float64).clone() for k, t in zip(self.STATE_NAMES, tensors)
         }
-
-
-def aggregate(per_case: Sequence[dict], keys: Sequence[str] = METRIC_KEYS) -> dict[str, float | int]:
-    """Mean over cases of per-case metric dicts ("per case then mean over cases", the paper's mode).
-
-    Contrast with "pooled": one accumulator over all voxels of all cases.
-
-    Args:
-        per_case: one dict per case, e.g. :meth:`CalibrationAccumulator.compute` outputs; a missing key
-            counts as NaN.
-        keys: the metrics to aggregate (default :data:`METRIC_KEYS`).
-
-    Returns:
-        For each key: ``key`` = mean over cases ignoring NaN (a case with no voxel in the region; NaN when
-        no case has a value), ``key_std`` = sample standard deviation (ddof=1; NaN with fewer than 2 values),
-        ``key_n`` = number of non-NaN cases. Also ``n_cases`` and ``n_voxels`` (total, when the dicts carry it).
-
-    Raises:
-        ValueError: ``per_case`` is empty.
-    """
-    if len(per_case) == 0:
-        raise ValueError("per_case is empty: no case to aggregate; check that the prediction folder has files")
-    out: dict[str, float | int] = {}
-    for k in keys:
-        values = np.array([float(d.get(k, math.nan)) for d in per_case], dtype=np.float64)
-        finite = values[~np.isnan(values)]
-        out[k] = float(finite.mean()) if finite.size else math.nan
-        out[f"{k}_std"] = float(finite.std(ddof=1)) if finite.size >= 2 else math.nan
-        out[f"{k}_n"] = int(finite.size)
-    out["n_cases"] = len(per_case)
-    out["n_voxels"] = int(sum(int(d.get("n_voxels", 0)) for d in per_case))
-    return out

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference.predict import maps_from_probabilities
+    from ..inference.saved_maps import maps_from_probabilities
 
     qc = maps_from_probabilities(args.i, args.o, temperature=args.t, calibration_json=args.calibration_json,
                                  maps=args.maps, maps_dtype=args.maps_dtype, flag_rule=flag_rule_from(args))
