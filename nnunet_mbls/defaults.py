@@ -41,3 +41,11 @@ PARALLEL_MIN_BYTES = 512 * 2**20
 
 #: failure detection: a case fails when its Dice is below this percentile of the baseline trainer's Dice
 TAU_PERCENTILE = 10.0
+#: bytes of a validation case's statistics file (``validation_statistics/<case>.npz``) given to its temperature-fit
+#: sample: up to this / (4 C + 10) voxels per case (C float32 log-probabilities, a float64 key, an int16 label). With
+#: 3 MiB a 4-class case keeps 116 k voxels, a 16-class case 42 k, a 117-class case 6.6 k; pooled over a fold's
+#: cases that is the MAX_VOXELS sample whenever a fold has enough cases (docs/BENCHMARKS.md, "Streaming statistics")
+FIT_SAMPLE_BYTES = 3 * 2**20
+#: bytes of a case's statistics file given to its stratified sample of metric-region voxels, from which the metrics
+#: after T are estimated (exact when the region has fewer voxels): 1.5 MiB, so that the file stays under 5 MB
+METRIC_SAMPLE_BYTES = 3 * 2**19

@@ -23,6 +23,8 @@ CALIBRATION_RECORD = "calibration.json"
 CALIBRATION_DETAILS = "calibration"
 ENSEMBLE_RECORD = "calibration_ensemble.json"
 ENSEMBLE_DETAILS = "calibration_ensemble"
+#: per-case calibration statistics streamed out of the validation export (one small file per case)
+VALIDATION_STATISTICS = "validation_statistics"
 FOLD_PREFIX = "fold_"
 
 
@@ -201,6 +203,12 @@ class FoldFolder:
     def validation(self) -> Path:
         """nnU-Net's ``validation/`` folder of this fold."""
         return self.path / VALIDATION
+
+    @property
+    def validation_statistics(self) -> Path:
+        """Our ``validation_statistics/`` folder: one ``<case>.npz`` of calibration statistics per validation case,
+        streamed out of nnU-Net's validation export (:mod:`nnunet_mbls.calibration.streaming`)."""
+        return self.path / VALIDATION_STATISTICS
 
     @property
     def ensemble_record(self) -> Path:

@@ -22,6 +22,8 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from ..defaults import MAX_VOXELS
 from ..errors import InputError
 from ..layout import FoldFolder
+from ..calibration.case_statistics import StatisticsSettings
+from ..calibration.evaluation.export import StatisticsExport, streaming_validation_export, weights_id
 from ..locks import fold_lock
 from ..losses import LOSSES, build_loss
 from ..losses.registry import USES_NNUNET_DICE
@@ -140,26 +142,24 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
             self.online_ece.plot(self.logger, self.output_folder)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
-        # the calibration step needs the probabilities, so they are always exported; when the user did not ask
-        # for them (--npz) they are deleted once the step has succeeded, so training costs no more disk than stock
-        if self.local_rank != 0:
-            return super().perform_actual_validation(save_probabilities=True)
-        with fold_lock(self.output_folder, what="nnUNetv2_train's validation and calibration step"):
-            super().perform_actual_validation(save_probabilities=True)
-            self.run_calibration_step()
-            if not save_probabilities:
-                self.delete_validation_probabilities()
+        # nnU-Net's validation, with each case's calibration statistics streamed out of its export workers into
+        # validation_statistics/ (a few MB per case); the .npz/.pkl are written only when the user asked (--npz)
+        with streaming_validation_export(self.statistics_export()):
+            if self.local_rank != 0:
+                return super().perform_actual_validation(save_probabilities)
+            with fold_lock(self.output_folder, what="nnUNetv2_train's validation and calibration step"):
+                super().perform_actual_validation(save_probabilities)
+                self.run_calibration_step()
 
-    def delete_validation_probabilities(self) -> None:
-        """Remove the ``.npz``/``.pkl`` files nnU-Net's export wrote into ``validation/`` for the calibration step."""
-        validation = FoldFolder.at(self.output_folder).validation
-        files = sorted(validation.glob("*.npz")) + sorted(validation.glob("*.pkl"))
-        freed = sum(f.stat().st_size for f in files)
-        for f in files:
-            f.unlink()
-        self.print_to_log_file(
-            f"nnunet-mbls: deleted the {len(files)} validation .npz/.pkl files ({freed / 2**20:.1f} MiB) exported for the "
-            f"calibration step (pass --npz to keep them; nnunet-mbls calibrate exports them again when it needs them)")
+    def statistics_export(self) -> StatisticsExport:
+        """What the validation export streams: the calibration step's regions and seed, this fold's folders."""
+        from ..calibration.folds import gt_folder_for
+
+        fold = FoldFolder.at(self.output_folder)
+        settings = StatisticsSettings(num_classes=self.label_manager.num_segmentation_heads,
+                                      ignore_label=self.label_manager.ignore_label)
+        return StatisticsExport(settings, str(gt_folder_for(fold.path)), str(fold.validation_statistics),
+                                weights_id(self.network))
 
     def run_calibration_step(self) -> None:
         """Our calibration step on nnU-Net's validation output (rank 0).
@@ -174,7 +174,7 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         try:
             calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys),
                                     max_voxels=self.calibration_max_voxels,
-                                    num_processes=self.calibration_num_processes)
+                                    num_processes=self.calibration_num_processes, model_id=weights_id(self.network))
         except Exception as error:
             message = (
                 f"nnunet-mbls: the calibration step failed ({type(error).__name__}: {error}). Training and nnU-Net's "

@@ -154,3 +154,28 @@ def test_calibrate_a_stock_model_on_a_transposed_dataset(tmp_path_factory):
     calibration = json.loads((p.fold("nnUNetTrainerStock_test") / "calibration.json").read_text())
     assert calibration["fit"]["subsample_size"] == sum(p.crop_box_voxels(c) for c in VALIDATION)
     assert calibration["calibrated_checkpoint"] == "checkpoint_final_calibrated.pth"
+
+
+def test_streamed_statistics_equal_evaluate_on_nnunets_own_npz_export(chain):
+    """The calibration step read the statistics streamed out of the export, not the .npz (kept by --npz here); every
+    calibration metric as trained equals `evaluate` on nnU-Net's own .npz of the same cases, and on these small folds
+    (every voxel in the samples) so do T and the metrics after T."""
+    from nnunet_mbls.calibration.evaluation import evaluate_folder
+    from nnunet_mbls.calibration.folds.step import fit_temperature_on
+
+    p = chain.planned
+    assert chain.calibration["statistics"]["source"].startswith("statistics streamed")
+    assert chain.calibration["statistics"]["metrics_after_temperature"] == "exact"
+    assert sorted(f.name for f in (chain.fold / "validation_statistics").iterdir()) == [f"{c}.npz" for c in VALIDATION]
+    dataset_json = json.loads((chain.fold.parent / "dataset.json").read_text())
+    npz_route = fit_temperature_on(p.gt, [chain.fold / "validation"], dataset_json, chain.fold.parent / "plans.json",
+                                   "fg", "all", 10**6, 0, progress=False)
+    assert chain.calibration["temperature"] == pytest.approx(npz_route.temperature, rel=1e-5)
+    for stage, expected in (("before", npz_route.before), ("after", npz_route.after)):
+        streamed = json.loads((chain.fold / "calibration" / f"evaluation_{stage}.json").read_text())
+        for case in VALIDATION:
+            for key in ("ece", "cece", "nll", "brier", "mce", "ece_adaptive", "n_voxels"):
+                assert streamed["per_case"][case][key] == pytest.approx(expected["per_case"][case][key], rel=1e-6, abs=1e-6), (stage, case, key)
+            assert streamed["per_case"][case]["dice"] == pytest.approx(expected["per_case"][case]["dice"], nan_ok=True)
+        for key in ("ece", "cece", "nll", "brier"):
+            assert streamed["pooled"][key] == pytest.approx(expected["pooled"][key], rel=1e-6, abs=1e-6)

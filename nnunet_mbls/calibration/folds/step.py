@@ -30,7 +30,10 @@ import torch
 from ... import __version__
 from ...defaults import FIT_REGION, FIT_REGIONS, MAX_VOXELS, METRIC_REGION, SEED, T_BOUNDS
 from ...errors import NnunetMblsError
+from ..after_temperature import ESTIMATOR
 from ..evaluation import case_workers, evaluate_folder
+from ..evaluation.statistics import (evaluate_statistics, fit_temperature_on_statistics, read_headers,
+                                     segmentation_metrics_of_cases, statistics_files)
 from ...io import atomic_write_json
 from ...layout import CALIBRATED_CHECKPOINT, FoldFolder, fold_name
 from ...locks import fold_lock
@@ -104,6 +107,52 @@ def fit_temperature_on(gt: Path, prediction_folders: list[Path], dataset_json: d
     return TemperatureFit(temperature, int(target.numel()), before, after)
 
 
+def fit_temperature_on_streamed(gt: Path, folds: list[FoldFolder], cases: list[list[str]], dataset_json: dict,
+                                max_voxels: int, seed: int, progress: bool) -> tuple[TemperatureFit, dict]:
+    """:func:`fit_temperature_on` from the folds' streamed statistics (``validation_statistics/``) and nnU-Net's
+    exported segmentations, without probability files.
+
+    Returns:
+        (the fit, what calibration.json records about the statistics: their source and whether the metrics
+        after T are exact or estimated).
+    """
+    files = [f for fold, fold_cases in zip(folds, cases) for f in statistics_files(fold.validation_statistics, fold_cases)]
+    temperature, size = fit_temperature_on_statistics(files, max_voxels, seed)
+    segmentation = {}
+    for fold, fold_cases in zip(folds, cases):
+        segmentation.update(segmentation_metrics_of_cases(gt, fold.validation, fold_cases, dataset_json, progress))
+    before, _ = evaluate_statistics(files, segmentation, dataset_json, None, progress)
+    after, exact = evaluate_statistics(files, segmentation, dataset_json, temperature, progress)
+    record = {
+        "source": "statistics streamed out of nnU-Net's validation export (validation_statistics/), no probability file",
+        "metrics_after_temperature": "exact" if exact else "estimated",
+        "after_temperature_method": ESTIMATOR,
+    }
+    return TemperatureFit(temperature, size, before, after), record
+
+
+def streamed_cases(folder: Path, expected_cases: list[str] | None, region: str, fit_region: str,
+                   model_id: str | None = None) -> list[str] | None:
+    """The fold's validation cases when ``validation_statistics/`` holds statistics of all of them, computed with
+    ``region`` and ``fit_region`` (and by the weights ``model_id``, when given); else None."""
+    fold = FoldFolder.at(folder)
+    have = sorted(p.name[: -len(".npz")] for p in fold.validation_statistics.glob("*.npz"))
+    expected = sorted(expected_cases) if expected_cases is not None else validation_cases_of_fold(folder)
+    cases = expected if expected is not None else have
+    if not cases or not set(cases) <= set(have):
+        return None
+    try:
+        headers = read_headers(statistics_files(fold.validation_statistics, cases))
+    except NnunetMblsError:
+        return None
+    settings = headers[0]["settings"]
+    if (settings["region"], settings["fit_region"]) != (region, fit_region):
+        return None
+    if len({h["model_id"] for h in headers}) != 1 or (model_id is not None and headers[0]["model_id"] != model_id):
+        return None
+    return cases
+
+
 def check_validation_complete(folder: Path, expected_cases: list[str] | None = None) -> None:
     """CalibrationStepError naming the command unless ``validation/`` holds every validation case's ``.npz``."""
     fold = FoldFolder.at(folder)
@@ -157,33 +206,43 @@ def calibrate_output_folder(
     fit_region: str | None = None,
     write_checkpoint: bool = True,
     num_processes: int | None = None,
+    model_id: str | None = None,
 ) -> dict:
-    """Run the calibration step on a fold folder whose ``validation/`` holds nnU-Net ``.npz`` files.
+    """Run the calibration step on a fold folder whose ``validation_statistics/`` holds every validation case's
+    streamed statistics (:mod:`nnunet_mbls.calibration.evaluation.export`), or else whose ``validation/`` holds
+    nnU-Net ``.npz`` files.
 
     ``expected_cases``: the fold's validation cases (the trainer passes its own split); by default they are read
     from ``splits_final.json``. A missing ``.npz`` among them is an error, never a silently smaller fit.
     ``write_checkpoint``: fold this fold's T into ``checkpoint_final_calibrated.pth`` (False when an ensemble
     temperature goes there instead, see :func:`~nnunet_mbls.calibration.folds.ensemble.calibrate_ensemble`).
     ``num_processes``: worker processes over the cases (see :func:`~nnunet_mbls.calibration.evaluation.evaluate_folder`; None:
-    nnU-Net's default_num_processes); the result is the same for any value. Our trainers call this on rank 0 of
+    nnU-Net's default_num_processes); the result is the same for any value. ``model_id``: use statistics only
+    when they were computed by these weights (:func:`~nnunet_mbls.calibration.evaluation.export.weights_id`). Our trainers call this on rank 0 of
     nnU-Net's training process with the default: 'spawn' workers start clean there (no CUDA state, no DDP group),
     as nnU-Net's own validation export pool just did in that process.
     """
     folder = Path(output_folder)
     with fold_lock(folder, what="the calibration step"):
         return _calibrate_locked_fold(folder, max_voxels, seed, region, log, progress, expected_cases,
-                                      fit_region or FIT_REGION, write_checkpoint, num_processes)
+                                      fit_region or FIT_REGION, write_checkpoint, num_processes, model_id)
 
 
 def _calibrate_locked_fold(folder: Path, max_voxels: int, seed: int, region: str, log: Callable[..., None],
                            progress: bool, expected_cases: list[str] | None, fit_region: str, write_checkpoint: bool,
-                           num_processes: int | None) -> dict:
+                           num_processes: int | None, model_id: str | None) -> dict:
     fold = FoldFolder.at(folder)
-    check_validation_complete(folder, expected_cases)
     dataset_json = json.loads((fold.trainer_folder / "dataset.json").read_text())
-    # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
-    fit = fit_temperature_on(gt_folder_for(folder), [fold.validation], dataset_json, plans_of(fold.trainer_folder),
-                             region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
+    cases = streamed_cases(folder, expected_cases, region, fit_region, model_id)
+    if cases is not None:
+        fit, statistics = fit_temperature_on_streamed(gt_folder_for(folder), [fold], [cases], dataset_json,
+                                                      max_voxels, seed, progress)
+    else:
+        check_validation_complete(folder, expected_cases)
+        # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
+        fit = fit_temperature_on(gt_folder_for(folder), [fold.validation], dataset_json, plans_of(fold.trainer_folder),
+                                 region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
+        statistics = {"source": "nnU-Net's .npz probabilities in validation/", "metrics_after_temperature": "exact"}
     write_fit_details(fold.calibration_details, fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
     calibrated = (write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else
                   {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None})
@@ -191,6 +250,7 @@ def _calibrate_locked_fold(folder: Path, max_voxels: int, seed: int, region: str
         **fit_record(fit, region, fit_region, max_voxels, seed, "every validation case of this fold"),
         **calibrated,
         "checkpoint_calibration": "this fold's temperature" if calibrated["calibrated_checkpoint"] else None,
+        "statistics": statistics,
         "nnunet_mbls_version": __version__,
     }
     atomic_write_json(fold.calibration_record, summary)
