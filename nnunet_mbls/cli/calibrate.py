@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if args.calibration_set:
             raise ValueError("--method vector fits on the validation logits of the folds; it does not take "
                              "--calibration-set (use --method temperature there)")
-        folders = [prepare_fold_for_calibration(args.d, args.c, f, args.tr, args.p, args.device) for f in args.f]
+        folders = [prepare_fold_for_calibration(args.d, args.c, f, args.tr, args.p, args.device, args.region,
+                                                args.fit_region or FIT_REGION, args.seed)[0] for f in args.f]
         summary = calibrate_vector(folders, device=args.device, fallback=not args.no_fallback, **common)
         print(f"method: {summary['method'].get('chosen')} ({summary['method']['reason']})")
         return 0

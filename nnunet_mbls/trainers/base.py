@@ -22,8 +22,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from ..defaults import MAX_VOXELS
 from ..errors import InputError
 from ..layout import FoldFolder
-from ..calibration.case_statistics import StatisticsSettings
-from ..calibration.evaluation.export import StatisticsExport, streaming_validation_export, weights_id
+from ..calibration.evaluation.export import streaming_validation_export, weights_id
 from ..locks import fold_lock
 from ..losses import LOSSES, build_loss
 from ..losses.registry import USES_NNUNET_DICE
@@ -144,22 +143,14 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
     def perform_actual_validation(self, save_probabilities: bool = False):
         # nnU-Net's validation, with each case's calibration statistics streamed out of its export workers into
         # validation_statistics/ (a few MB per case); the .npz/.pkl are written only when the user asked (--npz)
-        with streaming_validation_export(self.statistics_export()):
+        from ..calibration.folds.validation import statistics_export
+
+        with streaming_validation_export(statistics_export(self)):
             if self.local_rank != 0:
                 return super().perform_actual_validation(save_probabilities)
             with fold_lock(self.output_folder, what="nnUNetv2_train's validation and calibration step"):
                 super().perform_actual_validation(save_probabilities)
                 self.run_calibration_step()
-
-    def statistics_export(self) -> StatisticsExport:
-        """What the validation export streams: the calibration step's regions and seed, this fold's folders."""
-        from ..calibration.folds import gt_folder_for
-
-        fold = FoldFolder.at(self.output_folder)
-        settings = StatisticsSettings(num_classes=self.label_manager.num_segmentation_heads,
-                                      ignore_label=self.label_manager.ignore_label)
-        return StatisticsExport(settings, str(gt_folder_for(fold.path)), str(fold.validation_statistics),
-                                weights_id(self.network))
 
     def run_calibration_step(self) -> None:
         """Our calibration step on nnU-Net's validation output (rank 0).

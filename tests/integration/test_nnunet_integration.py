@@ -43,12 +43,13 @@ def test_mbls_trainer_trains_validates_calibrates_and_predicts_3d(nnunet_3d, tmp
     assert log.count("Foreground ECE (validation batches)") == 2  # one per epoch
     # nnU-Net's final validation ran (segmentations + summary) and our step wrote its own files beside it
     assert len(list((fold / "validation").glob("*.nii.gz"))) == 2
-    # trained without --npz: the probabilities exported for the calibration step are gone once it succeeded
+    # trained without --npz: no probability file; the calibration step read the statistics streamed out of the export
     assert not list((fold / "validation").glob("*.npz")) and not list((fold / "validation").glob("*.pkl"))
-    assert "nnunet-mbls: deleted the 4 validation .npz/.pkl files" in log
+    assert sorted(p.name for p in (fold / "validation_statistics").iterdir()) == ["case_0000.npz", "case_0001.npz"]
     assert (fold / "validation" / "summary.json").is_file()
     calibration = json.loads((fold / "calibration.json").read_text())
     assert 0.05 <= calibration["temperature"] <= 20
+    assert calibration["statistics"]["source"].startswith("statistics streamed")
     assert calibration["calibrated_checkpoint"] == "checkpoint_final_calibrated.pth"
     assert (fold / "calibration" / "reliability.png").stat().st_size > 1000
     assert (fold / "progress_calibration.png").is_file()

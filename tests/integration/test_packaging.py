@@ -16,6 +16,9 @@ def test_wheel_install_exposes_the_trainer_folder_to_nnunet(tmp_path):
     wheel = next((tmp_path / "dist").glob("nnunet_mbls-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "nnunet_mbls/ext_trainers/nnunet_mbls_trainers.py" in names
+    # every module of the source tree is in the wheel (a subpackage missing from pyproject's list once was not)
+    modules = {str(p.relative_to(REPO)) for p in (REPO / "nnunet_mbls").rglob("*.py")}
+    assert modules <= set(names), sorted(modules - set(names))
     assert not any(n.startswith("nnunet_mbls/ext_trainers/__init__") for n in names)
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),

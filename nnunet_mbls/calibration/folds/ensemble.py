@@ -24,7 +24,7 @@ from ...layout import CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL, ENSEMBLE_DETAILS,
 from ...layout import trainer_folder as model_folder_of
 from ...locks import fold_locks
 from .records import TemperatureFit, fit_record, log_fit, write_fit_details
-from .step import (CalibrationStepError, calibrate_output_folder, fit_temperature_on, gt_folder_for, plans_of,
+from .step import (CalibrationStepError, calibrate_output_folder, fit_on_folds, fit_temperature_on, plans_of,
                    write_calibrated_checkpoint)
 
 
@@ -64,15 +64,14 @@ def _calibrate_locked_ensemble(trainer_folder: Path, folders: list[Path], max_vo
     for folder in folders:
         calibrate_output_folder(folder, max_voxels, seed, region, log, progress, fit_region=fit_region,
                                 write_checkpoint=False, num_processes=num_processes)
-    dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
-    fit = fit_temperature_on(gt_folder_for(folders[0]), [FoldFolder.at(f).validation for f in folders], dataset_json,
-                             plans_of(trainer_folder), region, fit_region, max_voxels, seed, progress,
-                             num_processes=num_processes)
+    fit, statistics = fit_on_folds(folders, [None] * len(folders), region, fit_region, max_voxels, seed, progress,
+                                   num_processes)
     fold_names = [fold_name(f) for f in folders]
     write_fit_details(trainer_folder / ENSEMBLE_DETAILS, fit,
                       f"{trainer_folder.name} folds {', '.join(fold_names)}: {region} voxels, pooled out-of-fold")
     return finish_shared_temperature(trainer_folder, folders, fit, region, fit_region, max_voxels, seed,
-                                     f"the out-of-fold validation cases of folds {', '.join(fold_names)}", log)
+                                     f"the out-of-fold validation cases of folds {', '.join(fold_names)}", log,
+                                     statistics=statistics)
 
 
 def finish_shared_temperature(trainer_folder: Path, folders: list[Path], fit: TemperatureFit, region: str,

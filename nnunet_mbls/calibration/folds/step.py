@@ -131,10 +131,21 @@ def fit_temperature_on_streamed(gt: Path, folds: list[FoldFolder], cases: list[l
     return TemperatureFit(temperature, size, before, after), record
 
 
+def evaluate_streamed(gt: Path, statistics_folders: list[Path], segmentation_folders: list[Path], cases: list[list[str]],
+                      dataset_json: dict, progress: bool, temperature: float | None = None) -> tuple[dict, bool]:
+    """:func:`~nnunet_mbls.calibration.evaluation.evaluate_folder`'s summary from streamed statistics (one folder per
+    fold, with its cases) and the segmentations nnU-Net exported beside them; (summary, exact after T)."""
+    files = [f for folder, fold_cases in zip(statistics_folders, cases) for f in statistics_files(folder, fold_cases)]
+    segmentation = {}
+    for folder, fold_cases in zip(segmentation_folders, cases):
+        segmentation.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
+    return evaluate_statistics(files, segmentation, dataset_json, temperature, progress)
+
+
 def streamed_cases(folder: Path, expected_cases: list[str] | None, region: str, fit_region: str,
-                   model_id: str | None = None) -> list[str] | None:
+                   model_id: str | None = None, seed: int | None = None) -> list[str] | None:
     """The fold's validation cases when ``validation_statistics/`` holds statistics of all of them, computed with
-    ``region`` and ``fit_region`` (and by the weights ``model_id``, when given); else None."""
+    ``region``, ``fit_region`` (and ``seed``, and by the weights ``model_id``, when given); else None."""
     fold = FoldFolder.at(folder)
     have = sorted(p.name[: -len(".npz")] for p in fold.validation_statistics.glob("*.npz"))
     expected = sorted(expected_cases) if expected_cases is not None else validation_cases_of_fold(folder)
@@ -146,11 +157,40 @@ def streamed_cases(folder: Path, expected_cases: list[str] | None, region: str, 
     except NnunetMblsError:
         return None
     settings = headers[0]["settings"]
-    if (settings["region"], settings["fit_region"]) != (region, fit_region):
+    if (settings["region"], settings["fit_region"]) != (region, fit_region) or seed not in (None, settings["seed"]):
         return None
     if len({h["model_id"] for h in headers}) != 1 or (model_id is not None and headers[0]["model_id"] != model_id):
         return None
     return cases
+
+
+NPZ_SOURCE = {"source": "nnU-Net's .npz probabilities in validation/", "metrics_after_temperature": "exact"}
+
+
+def fit_on_folds(folders: list[Path], expected_cases: list[list[str] | None], region: str, fit_region: str,
+                 max_voxels: int, seed: int, progress: bool, num_processes: int | None = None,
+                 model_id: str | None = None) -> tuple[TemperatureFit, dict]:
+    """One T on the validation cases of ``folders`` (pooled), from their streamed statistics when every fold has
+    them for all its cases (``expected_cases``: per fold, None = from splits_final.json), else from their ``.npz``.
+
+    Returns:
+        (the fit, calibration.json's ``statistics``: the source, and whether the metrics after T are exact).
+
+    Raises:
+        CalibrationStepError: neither statistics nor ``.npz`` of every validation case (the message names the command).
+    """
+    folds = [FoldFolder.at(f) for f in folders]
+    dataset_json = json.loads((folds[0].trainer_folder / "dataset.json").read_text())
+    gt = gt_folder_for(folds[0].path)
+    streamed = [streamed_cases(f, cases, region, fit_region, model_id, seed) for f, cases in zip(folders, expected_cases)]
+    if all(cases is not None for cases in streamed):
+        return fit_temperature_on_streamed(gt, folds, streamed, dataset_json, max_voxels, seed, progress)
+    for folder, cases in zip(folders, expected_cases):
+        check_validation_complete(folder, cases)
+    # gt_segmentations holds every training case, validation/ only the fold's: chill (completeness checked above)
+    fit = fit_temperature_on(gt, [f.validation for f in folds], dataset_json, plans_of(folds[0].trainer_folder),
+                             region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
+    return fit, NPZ_SOURCE
 
 
 def check_validation_complete(folder: Path, expected_cases: list[str] | None = None) -> None:
@@ -232,17 +272,8 @@ def _calibrate_locked_fold(folder: Path, max_voxels: int, seed: int, region: str
                            progress: bool, expected_cases: list[str] | None, fit_region: str, write_checkpoint: bool,
                            num_processes: int | None, model_id: str | None) -> dict:
     fold = FoldFolder.at(folder)
-    dataset_json = json.loads((fold.trainer_folder / "dataset.json").read_text())
-    cases = streamed_cases(folder, expected_cases, region, fit_region, model_id)
-    if cases is not None:
-        fit, statistics = fit_temperature_on_streamed(gt_folder_for(folder), [fold], [cases], dataset_json,
-                                                      max_voxels, seed, progress)
-    else:
-        check_validation_complete(folder, expected_cases)
-        # gt_segmentations holds every training case, validation/ only this fold's: chill (completeness checked above)
-        fit = fit_temperature_on(gt_folder_for(folder), [fold.validation], dataset_json, plans_of(fold.trainer_folder),
-                                 region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
-        statistics = {"source": "nnU-Net's .npz probabilities in validation/", "metrics_after_temperature": "exact"}
+    fit, statistics = fit_on_folds([folder], [expected_cases], region, fit_region, max_voxels, seed, progress,
+                                   num_processes, model_id)
     write_fit_details(fold.calibration_details, fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
     calibrated = (write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else
                   {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None})

@@ -3,15 +3,17 @@ nnU-Net's validation rerun where their probabilities are missing, then the calib
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from ...defaults import FIT_REGION, METRIC_REGION, SEED
 from ...layout import FoldFolder
 from ...locks import fold_locks
+from ..evaluation.export import weights_id
 from .ensemble import calibrate_ensemble
-from .step import CalibrationStepError, calibrate_output_folder, validation_cases_of_fold
+from .step import CalibrationStepError, calibrate_output_folder, streamed_cases, validation_cases_of_fold
+from .validation import run_streamed_validation
 
 
 def calibrate_trained_model(
@@ -26,44 +28,47 @@ def calibrate_trained_model(
 ) -> dict:
     """``nnunet-mbls calibrate``: the calibration step for any trained model, stock nnUNetTrainer included.
 
-    ``fold``: one fold (its own T, today's behaviour) or a list of folds (one T for their ensemble, see
-    :func:`~nnunet_mbls.calibration.folds.ensemble.calibrate_ensemble`). Runs nnU-Net's own final validation with probabilities first where
-    ``validation/`` lacks the ``.npz`` of a validation case (never validated with probabilities, an interrupted
-    validation, or a trainer that deleted them after its own calibration step). ``num_processes``: worker
-    processes over the cases of the calibration step (None: nnU-Net's default_num_processes).
+    ``fold``: one fold (its own T) or a list of folds (one T for their ensemble, see
+    :func:`~nnunet_mbls.calibration.folds.ensemble.calibrate_ensemble`). Where a fold's ``validation_statistics/``
+    lacks a validation case, or holds statistics of other weights than ``checkpoint_final.pth``'s (and
+    ``validation/`` has no ``.npz`` of every case either), nnU-Net's own final validation runs first with the
+    statistics streamed out of its export (:func:`~nnunet_mbls.calibration.folds.validation.run_streamed_validation`;
+    no probability file). ``num_processes``: worker processes over the cases of the ``.npz`` route (None: nnU-Net's
+    default_num_processes).
     """
     folds = [str(f) for f in fold] if isinstance(fold, (list, tuple)) else [str(fold)]
+    settings = {"region": kwargs.get("region") or METRIC_REGION, "fit_region": kwargs.get("fit_region") or FIT_REGION,
+                "seed": kwargs.get("seed", SEED)}
     with fold_locks([FoldFolder.of(dataset, configuration, f, trainer, plans).path for f in folds]):
-        folders = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device) for f in folds]
+        prepared = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device, **settings)
+                    for f in folds]
+        folders = [folder for folder, _ in prepared]
         if len(folders) == 1:
-            return calibrate_output_folder(folders[0], num_processes=num_processes, **kwargs)
+            return calibrate_output_folder(folders[0], num_processes=num_processes, model_id=prepared[0][1], **kwargs)
         return calibrate_ensemble(folders, num_processes=num_processes, **kwargs)
 
 
-def prepare_fold_for_calibration(dataset: str, configuration: str, fold: str, trainer: str, plans: str,
-                                 device: str) -> Path:
-    """The fold folder, trained, with every validation case's probabilities (validation is run if needed)."""
+def prepare_fold_for_calibration(dataset: str, configuration: str, fold: str, trainer: str, plans: str, device: str,
+                                 region: str = METRIC_REGION, fit_region: str = FIT_REGION,
+                                 seed: int = SEED) -> tuple[Path, str | None]:
+    """The fold folder, trained, with every validation case's streamed statistics computed by the weights of
+    ``checkpoint_final.pth`` (nnU-Net's validation is run, streaming, when they are missing or stale), or, as
+    before, every case's ``.npz``.
+
+    Returns:
+        (the fold folder, the id of the weights the statistics were computed with; None: the ``.npz`` route).
+    """
     fold_folder = FoldFolder.of(dataset, configuration, fold, trainer, plans)
     folder = fold_folder.path
     if not fold_folder.checkpoint_final.is_file():
         raise CalibrationStepError(
-            f"{fold_folder.checkpoint_final} does not exist: train first with {fold_folder.train_command('--npz')}")
+            f"{fold_folder.checkpoint_final} does not exist: train first with {fold_folder.train_command()}")
     expected = validation_cases_of_fold(folder)
+    checkpoint = torch.load(fold_folder.checkpoint_final, map_location="cpu", weights_only=False, mmap=True)
+    model_id = weights_id(checkpoint["network_weights"])
+    if streamed_cases(folder, expected, region, fit_region, model_id, seed) is not None:
+        return folder, model_id
     have = {npz.name[: -len(".npz")] for npz in fold_folder.validation.glob("*.npz")}
-    if not have or (expected is not None and not set(expected) <= have):
-        run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device)
-    return folder
-
-
-def run_validation_with_probabilities(dataset, configuration, fold, trainer, plans, device) -> None:
-    """nnU-Net's final validation (as ``nnUNetv2_train ... --val --npz``), in this process."""
-    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from ...paths import env_with_ext_trainers
-
-    os.environ["nnUNet_extTrainer"] = env_with_ext_trainers()["nnUNet_extTrainer"]
-    instance = get_trainer_from_args(str(dataset), configuration, int(fold) if fold != "all" else fold, trainer, plans, device=torch.device(device))
-    maybe_load_checkpoint(instance, continue_training=False, validation_only=True)
-    # the stock method: our trainers' own override would run the calibration step a second time
-    nnUNetTrainer.perform_actual_validation(instance, save_probabilities=True)
+    if have and (expected is None or set(expected) <= have):
+        return folder, None
+    return folder, run_streamed_validation(dataset, configuration, fold, trainer, plans, device, region, fit_region, seed)

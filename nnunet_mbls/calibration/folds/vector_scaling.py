@@ -24,8 +24,10 @@ import torch
 from tqdm import tqdm
 
 from ... import __version__
-from ...defaults import MAX_VOXELS, METRIC_REGION, SEED
-from ..evaluation import evaluate_folder
+from ...defaults import FIT_REGION, MAX_VOXELS, METRIC_REGION, SEED
+from ..case_statistics import StatisticsSettings
+from ..evaluation import LabelInfo, evaluate_folder
+from ..evaluation.export import StatisticsExport, export_with_statistics
 from ...io import atomic_write_json, partial_folder
 from ...layout import CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL, ENSEMBLE_DETAILS, ENSEMBLE_RECORD, FoldFolder, fold_name
 from ...locks import fold_locks
@@ -34,8 +36,8 @@ from ..reliability import plot_reliability
 from ..vector import apply_vector_scaling, choose_vector_or_temperature, fit_vector_scaling
 from .ensemble import calibrate_ensemble
 from .records import metric_summary
-from .step import (calibrate_output_folder, check_validation_complete, gt_folder_for, plans_of, source_of,
-                   validation_cases_of_fold)
+from .step import (calibrate_output_folder, check_validation_complete, evaluate_streamed, gt_folder_for, plans_of,
+                   source_of, streamed_cases, validation_cases_of_fold)
 
 
 def validation_logits(folder: Path, device: str, progress: bool = True):
@@ -55,7 +57,9 @@ def validation_logits(folder: Path, device: str, progress: bool = True):
     if predictor.configuration_manager.previous_stage_name is not None:
         raise ValueError("vector scaling supports single-stage configurations, not cascade stages; use --method temperature")
     data_folder = Path(nnUNet_preprocessed) / folder.parent.parent.name / predictor.configuration_manager.data_identifier
-    cases = validation_cases_of_fold(folder) or sorted(p.name[:-4] for p in FoldFolder.at(folder).validation.glob("*.npz"))
+    cases = validation_cases_of_fold(folder) or sorted({
+        p.name[:-4] for p in [*FoldFolder.at(folder).validation_statistics.glob("*.npz"),
+                              *FoldFolder.at(folder).validation.glob("*.npz")]})
     dataset = infer_dataset_class(str(data_folder))(str(data_folder), cases)
     ignore = predictor.label_manager.ignore_label
     for case in tqdm(dataset.identifiers, desc=f"logits of {folder.name}", disable=not progress):
@@ -97,11 +101,12 @@ def calibrate_vector(folders: list[Path], max_voxels: int = MAX_VOXELS, seed: in
 
 def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: str, fit_region: str | None, device: str,
                       log: Callable[..., None], progress: bool, fallback: bool, write: bool) -> dict:
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-
     trainer_folder = folders[0].resolve().parent
-    for folder in folders:
-        check_validation_complete(folder)
+    fit_region = fit_region or FIT_REGION
+    streamed = [streamed_cases(folder, None, region, fit_region) for folder in folders]
+    for folder, cases in zip(folders, streamed):
+        if cases is None:
+            check_validation_complete(folder)
     cases = [c for f in folders for c in (validation_cases_of_fold(f) or [])]
     per_case = max(1, max_voxels // max(1, len(cases)))
     rows, labels, groups, stored, export = [], [], [], [], None
@@ -123,17 +128,25 @@ def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: s
         if choice["chosen"] == "temperature" and fallback:
             return fall_back_to_temperature(folders, method, max_voxels, seed, region, fit_region, log, progress)
         scale, bias = fit_vector_scaling(rows_t, labels_t)
-        after_folder = Path(tmp) / "after"
+        after_folder, after_statistics = Path(tmp) / "after", Path(tmp) / "after_statistics"
         after_folder.mkdir()
-        for case, properties in stored:  # nnU-Net's own export of the transformed logits (same plans for all folds)
-            transformed = apply_vector_scaling(np.load(Path(tmp) / f"{case}.npy").astype(np.float32), scale, bias)
-            export_prediction_from_logits(transformed, properties, *export, str(after_folder / case),
-                                          save_probabilities=True)
         dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
         gt, plans = gt_folder_for(folders[0]), plans_of(trainer_folder)
-        before = evaluate_folder(gt, [FoldFolder.at(f).validation for f in folders], dataset_json, region=region, chill=True,
-                                 plans=plans, progress=progress)
-        after = evaluate_folder(gt, after_folder, dataset_json, region=region, chill=True, plans=plans, progress=progress)
+        job = StatisticsExport(StatisticsSettings(len(LabelInfo.from_dataset_json(dataset_json).names),
+                                                  LabelInfo.from_dataset_json(dataset_json).ignore_label, region,
+                                                  fit_region, seed=seed), str(gt), str(after_statistics), "vector")
+        after_statistics.mkdir()
+        for case, properties in stored:  # nnU-Net's export of the transformed logits, statistics streamed out of it
+            transformed = apply_vector_scaling(np.load(Path(tmp) / f"{case}.npy").astype(np.float32), scale, bias)
+            export_with_statistics(job, torch.from_numpy(transformed), properties, *export, str(after_folder / case))
+        if all(c is not None for c in streamed):
+            before, _ = evaluate_streamed(gt, [FoldFolder.at(f).validation_statistics for f in folders],
+                                          [FoldFolder.at(f).validation for f in folders], streamed, dataset_json, progress)
+        else:
+            before = evaluate_folder(gt, [FoldFolder.at(f).validation for f in folders], dataset_json, region=region,
+                                     chill=True, plans=plans, progress=progress)
+        after, _ = evaluate_streamed(gt, [after_statistics], [after_folder], [[case for case, _ in stored]], dataset_json,
+                                     progress)
     vector = {"scale": scale.tolist(), "bias": bias.tolist(),
               "map": "logits -> scale * logits + bias per class, folded into decoder.seg_layers[-1]"}
     if not write:
