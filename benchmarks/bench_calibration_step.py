@@ -151,7 +151,7 @@ def estimator_errors(folder: Path, out: Path) -> dict:
     mask = torch.from_numpy(region_mask(ref, statistics.settings.region))
     selected, target = logits[:, mask], torch.from_numpy(ref)[mask]
     result = {"exact": is_exact(statistics), "voxels": int(target.numel()),
-              "sample": int(statistics.sample_target.size), "errors": {}}
+              "sample": int(statistics.metric.target.size), "errors": {}}
     for temperature in TEMPERATURES:
         exact = CalibrationAccumulator(statistics.settings.num_classes)
         exact.update(torch.softmax(selected / temperature, dim=0), target)

@@ -43,9 +43,12 @@ PARALLEL_MIN_BYTES = 512 * 2**20
 TAU_PERCENTILE = 10.0
 #: bytes of a validation case's statistics file (``validation_statistics/<case>.npz``) given to its temperature-fit
 #: sample: up to this / (4 C + 10) voxels per case (C float32 log-probabilities, a float64 key, an int16 label). With
-#: 3 MiB a 4-class case keeps 116 k voxels, a 16-class case 42 k, a 117-class case 6.6 k; pooled over a fold's
+#: 2.25 MiB a 4-class case keeps 91 k voxels, a 16-class case 32 k, a 117-class case 5 k; pooled over a fold's
 #: cases that is the MAX_VOXELS sample whenever a fold has enough cases (docs/BENCHMARKS.md, "Streaming statistics")
-FIT_SAMPLE_BYTES = 3 * 2**20
+FIT_SAMPLE_BYTES = 9 * 2**18
 #: bytes of a case's statistics file given to its stratified sample of metric-region voxels, from which the metrics
-#: after T are estimated (exact when the region has fewer voxels): 1.5 MiB, so that the file stays under 5 MB
-METRIC_SAMPLE_BYTES = 3 * 2**19
+#: after T are estimated (exact when the region has fewer voxels): 1.25 MiB, so that the file stays under 5 MB
+METRIC_SAMPLE_BYTES = 5 * 2**18
+#: bytes of a case's statistics file given to the stratified sample of each region of the benchmark's per-case
+#: scores (predicted foreground, predicted and reference boundary bands), from which their values after T are estimated
+QC_SAMPLE_BYTES = 3 * 2**16

@@ -1,6 +1,8 @@
 """Per (trainer, fold, case) rows of the benchmark: the case's Dice next to its uncertainty scores.
 
-The scores come from the fold's validation probabilities (nnU-Net's ``.npz``) through
+The scores come from the statistics streamed out of the fold's validation export (``validation_statistics/``,
+:data:`~nnunet_mbls.calibration.case_statistics.QC_REGIONS`: exact as trained, exact or estimated after T as the
+metrics are), or, for folds validated with ``.npz`` only, from the probabilities through
 :func:`nnunet_mbls.inference.qc.case_scores`, the function behind ``nnunet-mbls predict``'s QC table, as
 trained and after the fold's temperature (``normalize(p ** (1/T))``); the boundary-band ECE of the case
 comes from the same pass. Out-of-fold validation cases are predicted by one fold each, so the pairwise
@@ -58,6 +60,11 @@ def cell_case_rows(cell: Cell) -> list[dict]:
     fold = FoldFolder.at(cell.folder)
     calibration = json.loads(fold.calibration_record.read_text())
     evaluation = json.loads((fold.calibration_details / "evaluation_before.json").read_text())
+    streamed = [fold.validation_statistics / f"{case}.npz" for case in evaluation["per_case"]]
+    if all(f.is_file() for f in streamed):
+        rows = streamed_case_rows(cell, streamed, evaluation, calibration["temperature"])
+        if rows:
+            return rows
     validation = fold.validation
     if not all((validation / f"{case}.npz").is_file() for case in evaluation["per_case"]):
         return []
@@ -78,6 +85,25 @@ def cell_case_rows(cell: Cell) -> list[dict]:
             for score in SCORES:
                 row[f"{score}_{stage}"] = scores[score]
             row[f"ece_boundary_{stage}"] = boundary_ece(probs, ref, labels)
+        rows.append(row)
+    return rows
+
+
+def streamed_case_rows(cell: Cell, files: list[Path], evaluation: dict, temperature: float) -> list[dict]:
+    """:func:`cell_case_rows` from streamed statistics ([] when they lack the score regions)."""
+    from ..calibration.after_temperature import accumulator_after, mean_entropy_after
+    from ..calibration.case_statistics import CaseStatistics
+
+    rows = []
+    for f, (case, metrics) in zip(files, evaluation["per_case"].items()):
+        statistics = CaseStatistics.load(f)
+        if not statistics.qc:
+            return []
+        row = {"trainer": cell.trainer, "fold": cell.fold, "case": case, "dice": mean_foreground_dice(metrics)}
+        for stage, t in (("before", 1.0), ("after", temperature)):
+            row[f"mean_entropy_fg_{stage}"] = mean_entropy_after(statistics.qc["predicted_fg"], t)
+            row[f"mean_entropy_boundary_{stage}"] = mean_entropy_after(statistics.qc["predicted_boundary"], t)
+            row[f"ece_boundary_{stage}"] = accumulator_after(statistics, t, statistics.qc["reference_boundary"]).compute()["ece"]
         rows.append(row)
     return rows
 

@@ -1,9 +1,9 @@
 """``benchmark --emit-jobs``: the grid as independent shell commands for any scheduler.
 
-Each line of ``jobs.txt`` trains one cell with nnU-Net's own ``nnUNetv2_train`` (``--npz``; ``--c``
-so a resubmitted job resumes; ``-num_gpus N`` for nnU-Net's DDP) and then runs our calibration step
-(``nnunet-mbls calibrate --if-missing``: a no-op for our trainers, which calibrate themselves on
-rank 0 after validation). A cell that is trained but not calibrated (its calibration step failed)
+Each line of ``jobs.txt`` trains one cell with nnU-Net's own ``nnUNetv2_train`` (``--c`` so a resubmitted job
+resumes; ``-num_gpus N`` for nnU-Net's DDP; no ``--npz``: the calibration statistics are streamed) and then runs our
+calibration step (``nnunet-mbls calibrate --if-missing``: a no-op for our trainers, which calibrate themselves on
+rank 0 after validation; for other trainers it validates once more, streaming the statistics). A cell that is trained but not calibrated (its calibration step failed)
 gets only the calibrate command. ``jobs.sbatch`` is a SLURM array over the lines. Finished cells are left
 out and listed in ``jobs_done.txt``, so emitting again after a partial run resubmits only the rest.
 """
@@ -44,12 +44,12 @@ def job_command(cell: Cell, num_gpus: int = 1, device: str | None = None) -> str
 
     Returns:
         The shell line: exports of the nnU-Net path variables set in this shell, ``eval "$(nnunet-mbls
-        env)"``, then train (``--npz --c``) ``&&`` calibrate (``--if-missing``).
+        env)"``, then train (``--c``) ``&&`` calibrate (``--if-missing``).
     """
     exports = [f"{k}={shlex.quote(os.environ[k])}" for k in NNUNET_PATH_VARIABLES if os.environ.get(k)]
     fold = FoldFolder.of(cell.dataset_id, cell.configuration, cell.fold, cell.trainer, cell.plans)
     dev = ("-device", device) if device else ()
-    train = fold.train_command("--npz", "--c", *dev, *(("-num_gpus", str(num_gpus)) if num_gpus > 1 else ()))
+    train = fold.train_command("--c", *dev, *(("-num_gpus", str(num_gpus)) if num_gpus > 1 else ()))
     calibrate = " ".join((fold.calibrate_command(), "--if-missing", *dev))
     prefix = f"export {' '.join(exports)}; " if exports else ""
     return f'{prefix}eval "$(nnunet-mbls env)"; ' + (calibrate if cell.is_trained() else f"{train} && {calibrate}")

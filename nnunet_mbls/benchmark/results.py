@@ -105,15 +105,13 @@ def shared_stages(done: list[tuple[Cell, dict]], vector: bool, device: str) -> d
         ``method`` and ``vector_scaling``); {} with fewer than 2 folds or without their validation
         probabilities.
     """
-    from ..calibration.folds import calibrate_vector, fit_temperature_on, gt_folder_for, plans_of
+    from ..calibration.folds import calibrate_vector
+    from ..calibration.folds.step import fit_on_folds
 
     folders = [c.folder for c, _ in done]
     if len(folders) < 2 or any(not d["case_rows"] for _, d in done):
         return {}
-    trainer_folder = folders[0].parent
-    dataset_json = json.loads((trainer_folder / "dataset.json").read_text())
-    fit = fit_temperature_on(gt_folder_for(folders[0]), [FoldFolder.at(f).validation for f in folders], dataset_json,
-                             plans_of(trainer_folder), METRIC_REGION, FIT_REGION, MAX_VOXELS, SEED, False)
+    fit, _ = fit_on_folds(folders, [None] * len(folders), METRIC_REGION, FIT_REGION, MAX_VOXELS, SEED, False)
     out = {"shared": {"cases": case_values(fit.after), "temperature": fit.temperature}}
     if vector:
         record = calibrate_vector(folders, device=device, fallback=False, write=False, progress=False, log=lambda *a: None)

@@ -15,10 +15,12 @@ from .grid import Cell
 
 def train_cell(cell: Cell, device: str = "cuda", epochs: int | None = None, iterations: int | None = None,
                log_file: str | os.PathLike | None = None) -> None:
-    """Train ``cell`` as ``nnUNetv2_train D C F -tr T -p P --npz [--c]`` does on one device.
+    """Train ``cell`` as ``nnUNetv2_train D C F -tr T -p P [--c]`` does on one device.
 
     nnU-Net's ``get_trainer_from_args``, ``maybe_load_checkpoint``, ``run_training`` and
-    ``perform_actual_validation(save_probabilities=True)`` run in this process. An interrupted run
+    ``perform_actual_validation`` run in this process, the validation export streaming the calibration statistics
+    (our trainers do it themselves; for any other trainer it is done here, so its calibration step needs no second
+    validation pass and no probability file). An interrupted run
     continues from ``checkpoint_latest.pth``; a finished one is left alone. ``epochs``/``iterations``
     override the trainer's budget (the demo's short schedule); None keeps the trainer's own.
     nnU-Net's console output goes to ``log_file`` (its training log is written as usual) and a
@@ -60,5 +62,18 @@ def train_cell(cell: Cell, device: str = "cuda", epochs: int | None = None, iter
         trainer.on_epoch_end = on_epoch_end_with_progress
         trainer.run_training()
         bar.close()
-        trainer.perform_actual_validation(save_probabilities=True)
+        validate_streaming(trainer)
+
+
+def validate_streaming(trainer) -> None:
+    """nnU-Net's final validation of a trainer instance with the statistics streamed (no ``.npz``)."""
+    from ..calibration.evaluation.export import streaming_validation_export
+    from ..calibration.folds.validation import statistics_export
+    from ..trainers.base import nnUNetTrainerCalibrated
+
+    if isinstance(trainer, nnUNetTrainerCalibrated):  # streams and runs its calibration step itself
+        trainer.perform_actual_validation(save_probabilities=False)
+        return
+    with streaming_validation_export(statistics_export(trainer)):
+        trainer.perform_actual_validation(save_probabilities=False)
 

@@ -19,58 +19,87 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nnunet_mbls.calibration.case_statistics import CaseStatistics
+from nnunet_mbls.calibration.case_statistics import CaseStatistics, RegionSample
 from nnunet_mbls.calibration.metrics import CalibrationAccumulator
 
-#: how the metrics after T are obtained, as calibration.json records it
+#: how the values after T are obtained, as calibration.json records it
 ESTIMATOR = (
-    "exact for a case whose metric region has at most metric_capacity voxels (all kept); otherwise "
-    "states(T) = exact states(1) + Horvitz-Thompson estimate of the change, from a stratified sample of the region "
+    "exact for a case whose region has at most the sample's capacity of voxels (all kept); otherwise "
+    "value(T) = exact value(1) + Horvitz-Thompson estimate of the change, from a stratified sample of the region "
     "(strata: correct or not x top-label bin, the last bin split by half-octaves of 1 - confidence)"
 )
 _COUNT_STATES = ("top_count", "cls_count", "fine_count")
 
 
-def is_exact(statistics: CaseStatistics) -> bool:
-    """Whether the case's metric sample holds every voxel of its region (the metrics after T are then exact)."""
-    kept = np.bincount(statistics.sample_stratum.astype(np.int64), minlength=statistics.strata_sizes.size)
-    return bool((kept == statistics.strata_sizes).all())
+def is_exact(region: CaseStatistics | RegionSample) -> bool:
+    """Whether a region's sample holds every voxel of it (its values after T are then exact); a
+    :class:`CaseStatistics` stands for its metric region."""
+    region = region.metric if isinstance(region, CaseStatistics) else region
+    kept = np.bincount(region.stratum.astype(np.int64), minlength=region.strata_sizes.size)
+    return bool((kept == region.strata_sizes).all())
 
 
-def _accumulate(statistics: CaseStatistics, rows: np.ndarray | slice, temperature: float) -> CalibrationAccumulator:
+def _weight_groups(region: RegionSample):
+    """(weight, rows) of the sample: stratum size / stratum sample size, rows sharing it (1 for whole strata)."""
+    stratum = region.stratum.astype(np.int64)
+    kept = np.bincount(stratum, minlength=region.strata_sizes.size)
+    weights = np.where(kept > 0, region.strata_sizes / np.maximum(kept, 1), 0.0)[stratum]
+    return [(float(w), np.flatnonzero(weights == w)) for w in np.unique(weights)]
+
+
+def _tempered(region: RegionSample, rows, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    log_probs = torch.from_numpy(np.ascontiguousarray(region.log_probs[rows])).T
+    return torch.softmax(log_probs / temperature, dim=0), torch.from_numpy(region.target[rows].astype(np.int64))
+
+
+def _accumulate(statistics: CaseStatistics, region: RegionSample, rows, temperature: float) -> CalibrationAccumulator:
     accumulator = CalibrationAccumulator(statistics.settings.num_classes, statistics.settings.n_bins)
-    log_probs = torch.from_numpy(np.ascontiguousarray(statistics.sample_log_probs[rows])).T
-    if log_probs.shape[1]:
-        target = torch.from_numpy(statistics.sample_target[rows].astype(np.int64))
-        accumulator.update(torch.softmax(log_probs / temperature, dim=0), target)
+    if len(region.target[rows]):
+        accumulator.update(*_tempered(region, rows, temperature))
     return accumulator
 
 
-def accumulator_after(statistics: CaseStatistics, temperature: float) -> CalibrationAccumulator:
-    """The case's metric-region accumulator after ``normalize(p ** (1/T))``: exact or estimated (module docstring).
+def accumulator_after(statistics: CaseStatistics, temperature: float,
+                      region: RegionSample | None = None) -> CalibrationAccumulator:
+    """A region's accumulator after ``normalize(p ** (1/T))``: exact or estimated (module docstring).
 
     Args:
         statistics: the case's statistics.
         temperature: T > 0.
+        region: one of its regions with accumulator states (default: the metric region).
 
     Returns:
-        A :class:`CalibrationAccumulator` over the case's metric region.
+        A :class:`CalibrationAccumulator` over the region.
     """
-    if is_exact(statistics):
-        return _accumulate(statistics, slice(None), temperature)
-    kept = np.bincount(statistics.sample_stratum.astype(np.int64), minlength=statistics.strata_sizes.size)
-    weight_of_stratum = np.where(kept > 0, statistics.strata_sizes / np.maximum(kept, 1), 0.0)
-    weights = weight_of_stratum[statistics.sample_stratum.astype(np.int64)]
-    states = [s.clone() for s in statistics.accumulator().state_tensors()]
-    for weight in np.unique(weights):
-        rows = np.flatnonzero(weights == weight)
-        at_t = _accumulate(statistics, rows, temperature).state_tensors()
-        at_1 = _accumulate(statistics, rows, 1.0).state_tensors()
+    region = region or statistics.metric
+    if is_exact(region):
+        return _accumulate(statistics, region, slice(None), temperature)
+    states = [s.clone() for s in statistics.accumulator(region).state_tensors()]
+    for weight, rows in _weight_groups(region):
+        at_t = _accumulate(statistics, region, rows, temperature).state_tensors()
+        at_1 = _accumulate(statistics, region, rows, 1.0).state_tensors()
         for state, after, before in zip(states, at_t, at_1):
-            state += float(weight) * (after - before)
+            state += weight * (after - before)
     names = CalibrationAccumulator.STATE_NAMES
     for name in _COUNT_STATES:
         states[names.index(name)].clamp_(min=0)
     result = CalibrationAccumulator(statistics.settings.num_classes, statistics.settings.n_bins)
     result.load_state_tensors(states)
     return result
+
+
+def _entropy(probs: torch.Tensor) -> float:
+    return -float(torch.special.xlogy(probs, probs).sum(dtype=torch.float64))
+
+
+def mean_entropy_after(region: RegionSample, temperature: float) -> float:
+    """A region's mean predictive entropy (nats) after ``normalize(p ** (1/T))`` (NaN for an empty region): exact
+    or estimated as the metrics are."""
+    if region.n_voxels == 0:
+        return float("nan")
+    if is_exact(region):
+        return _entropy(_tempered(region, slice(None), temperature)[0]) / region.n_voxels
+    total = region.entropy_sum
+    for weight, rows in _weight_groups(region):
+        total += weight * (_entropy(_tempered(region, rows, temperature)[0]) - _entropy(_tempered(region, rows, 1.0)[0]))
+    return max(total, 0.0) / region.n_voxels

@@ -4,42 +4,49 @@ What the calibration step needs from a validation case is small: the sums behind
 :class:`~nnunet_mbls.calibration.metrics.CalibrationAccumulator`'s states, exact), the case's candidates for the
 seeded temperature-fit subsample (:mod:`nnunet_mbls.calibration.subsample`), and a stratified sample of the
 metric region from which the metrics after temperature scaling are estimated (T is known only once every case
-has been seen; :mod:`nnunet_mbls.calibration.after_temperature`). :func:`case_statistics` computes them from the
+has been seen; :mod:`nnunet_mbls.calibration.after_temperature`). Given the exported segmentation, the same for
+the regions of the benchmark's per-case scores (:data:`QC_REGIONS`: mean entropy over the predicted foreground and
+the predicted boundary band, ECE over the reference boundary band). :func:`case_statistics` computes them from the
 network's logits in nnU-Net's own frame (transposed, cropped, resampled to the original spacing: what nnU-Net's
 export turns into probabilities), so neither the probabilities of the whole image nor a ``.npz`` file are ever
 made. The voxels are those the probability-file route evaluates: the reference is mapped into that frame, and
 region voxels outside nnU-Net's crop box get the background probability 1 that nnU-Net writes there.
 
-Per-case file size: the states (about 110 KiB + 360 bytes per class), at most
-:data:`~nnunet_mbls.defaults.FIT_SAMPLE_BYTES` of fit sample and :data:`~nnunet_mbls.defaults.METRIC_SAMPLE_BYTES`
-of metric sample: under 5 MB whatever the image size and the number of classes.
+Per-case file size: two accumulators' states (about 110 KiB + 360 bytes per class each), at most
+:data:`~nnunet_mbls.defaults.FIT_SAMPLE_BYTES` of fit sample, :data:`~nnunet_mbls.defaults.METRIC_SAMPLE_BYTES` of
+metric sample and :data:`~nnunet_mbls.defaults.QC_SAMPLE_BYTES` per score region: under 5 MB whatever the image size
+and the number of classes.
 """
 
 from __future__ import annotations
 
-import math
+import ast
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from nnunet_mbls.calibration.bins import bin_index
 from nnunet_mbls.calibration.metrics import CalibrationAccumulator
+from nnunet_mbls.calibration.region_voxels import (RegionVoxels, num_strata, smallest_keys, stratified_positions,
+                                                   stratum_of)
 from nnunet_mbls.calibration.regions import region_mask
 from nnunet_mbls.calibration.subsample import SubsampleCandidates, case_seed
 from nnunet_mbls.defaults import (BOUNDARY_WIDTH, FIT_REGION, FIT_SAMPLE_BYTES, METRIC_REGION, METRIC_SAMPLE_BYTES,
-                                  N_BINS, SEED)
+                                  N_BINS, QC_SAMPLE_BYTES, SEED)
 from nnunet_mbls.errors import InputError
 
 #: format of the statistics files; a file of another version is refused with the command that rewrites it
 STATISTICS_VERSION = 1
-#: voxels of the cropped image handled at a time (C x this float32 temporaries)
-SLAB_VOXELS = 2**18
-#: half-octaves of 1 - confidence that split the top confidence bin into strata, down to 1 - p = 2**-24
-_LAST_HALF_OCTAVE = 48
+#: the regions of the per-case scores, when the segmentation is given: name -> (what, whether the metric sums are kept)
+QC_REGIONS = {
+    "predicted_fg": ("voxels the segmentation labels foreground (mean entropy)", False),
+    "predicted_boundary": ("band of boundary_width voxels around the segmentation's label boundaries (mean entropy)",
+                           False),
+    "reference_boundary": ("band around the reference's label boundaries, ignore label excluded (ECE)", True),
+}
 
 
 class StatisticsError(InputError):
@@ -52,7 +59,7 @@ class StatisticsSettings:
 
     ``num_classes``/``ignore_label``: the dataset's labels; ``region``: the voxels of the reported metrics;
     ``fit_region``: the voxels T is fitted on; ``seed``: the fit subsample's keys (per case, see
-    :func:`~nnunet_mbls.calibration.subsample.case_seed`) and the metric sample's draw.
+    :func:`~nnunet_mbls.calibration.subsample.case_seed`) and the samples' draws.
     """
 
     num_classes: int
@@ -64,25 +71,42 @@ class StatisticsSettings:
     seed: int = SEED
     fit_sample_bytes: int = FIT_SAMPLE_BYTES
     metric_sample_bytes: int = METRIC_SAMPLE_BYTES
+    qc_sample_bytes: int = QC_SAMPLE_BYTES
 
     @property
     def fit_capacity(self) -> int:
         """Fit-sample voxels kept per case: C float32 log-probabilities, a float64 key and an int16 label each."""
         return max(1, self.fit_sample_bytes // (4 * self.num_classes + 10))
 
-    @property
-    def metric_capacity(self) -> int:
-        """Metric-sample voxels kept per case: C float32 log-probabilities, an int16 label and an int16 stratum."""
-        return max(1, self.metric_sample_bytes // (4 * self.num_classes + 4))
+    def sample_capacity(self, sample_bytes: int) -> int:
+        """Voxels of a stratified sample of ``sample_bytes``: C float32 log-probabilities, an int16 label and an
+        int16 stratum each."""
+        return max(1, sample_bytes // (4 * self.num_classes + 4))
 
     @property
     def num_strata(self) -> int:
-        """Strata of the metric sample: (correct or not) x (top-label bin, the last one split by half-octaves)."""
-        return 2 * (self.n_bins - 1 + _LAST_HALF_OCTAVE - _first_half_octave(self.n_bins) + 1)
+        """Strata of the stratified samples (see :func:`~nnunet_mbls.calibration.region_voxels.stratum_of`)."""
+        return num_strata(self.n_bins)
 
 
-def _first_half_octave(n_bins: int) -> int:
-    return math.floor(2 * math.log2(n_bins))
+@dataclass
+class RegionSample:
+    """One region of a case: its sums as trained (exact) and a stratified sample for the values after T.
+
+    ``states``: a :class:`CalibrationAccumulator`'s states over the region (None where not kept);
+    ``entropy_sum``/``n_voxels``: the predictive entropy (nats) summed over the region; ``log_probs`` (n, C),
+    ``target`` (n,), ``stratum`` (n,): the sample; ``strata_sizes`` (S,): every stratum's voxel count.
+    """
+
+    states: list[np.ndarray] | None
+    entropy_sum: float
+    n_voxels: int
+    log_probs: np.ndarray
+    target: np.ndarray
+    stratum: np.ndarray
+    strata_sizes: np.ndarray
+
+    ARRAYS = ("log_probs", "target", "stratum", "strata_sizes")
 
 
 @dataclass
@@ -91,8 +115,8 @@ class CaseStatistics:
 
     case: str
     settings: StatisticsSettings
-    #: a :class:`CalibrationAccumulator`'s states over the metric region, as trained (exact)
-    metric_states: list[np.ndarray]
+    #: the metric region (``settings.region``)
+    metric: RegionSample
     #: the fit-region voxels with the ``fit_capacity`` smallest keys: keys (n,), log-probabilities (n, C), labels (n,)
     fit_keys: np.ndarray
     fit_log_probs: np.ndarray
@@ -100,19 +124,16 @@ class CaseStatistics:
     #: fit-region voxels of the case, and the largest key kept (1.0: every voxel kept)
     fit_seen: int
     fit_threshold: float
-    #: the metric sample: log-probabilities (n, C), labels (n,), stratum (n,), and every stratum's size (S,)
-    sample_log_probs: np.ndarray
-    sample_target: np.ndarray
-    sample_stratum: np.ndarray
-    strata_sizes: np.ndarray
-    #: identifies the weights that predicted the case (see :func:`nnunet_mbls.calibration.evaluation.weights_id`)
+    #: the regions of :data:`QC_REGIONS` (empty when computed without the segmentation)
+    qc: dict[str, RegionSample] = field(default_factory=dict)
+    #: identifies the weights that predicted the case (see :func:`nnunet_mbls.calibration.evaluation.export.weights_id`)
     model_id: str = ""
-    extra: dict = field(default_factory=dict)
 
-    def accumulator(self) -> CalibrationAccumulator:
-        """The metric region's accumulator, as trained."""
+    def accumulator(self, region: RegionSample | None = None) -> CalibrationAccumulator:
+        """A region's accumulator as trained (default: the metric region)."""
+        region = region or self.metric
         accumulator = CalibrationAccumulator(self.settings.num_classes, self.settings.n_bins)
-        accumulator.load_state_tensors([torch.from_numpy(np.asarray(s)) for s in self.metric_states])
+        accumulator.load_state_tensors([torch.from_numpy(np.asarray(s)) for s in region.states])
         return accumulator
 
     def fit_candidates(self, threshold: float = 1.0) -> SubsampleCandidates:
@@ -126,15 +147,16 @@ class CaseStatistics:
         """Write the statistics to ``path`` (an uncompressed ``.npz``), atomically."""
         from nnunet_mbls.io import atomic_write
 
-        arrays = {f"metric_state_{i}": s for i, s in enumerate(self.metric_states)}
-        arrays.update(
-            fit_keys=self.fit_keys, fit_log_probs=self.fit_log_probs, fit_target=self.fit_target,
-            sample_log_probs=self.sample_log_probs, sample_target=self.sample_target,
-            sample_stratum=self.sample_stratum, strata_sizes=self.strata_sizes,
-            header=np.array(repr({"version": STATISTICS_VERSION, "case": self.case, "settings": asdict(self.settings),
-                                  "fit_seen": self.fit_seen, "fit_threshold": self.fit_threshold,
-                                  "model_id": self.model_id, "extra": self.extra})),
-        )
+        arrays = {"fit_keys": self.fit_keys, "fit_log_probs": self.fit_log_probs, "fit_target": self.fit_target}
+        regions = {"metric": self.metric, **{f"qc.{name}": r for name, r in self.qc.items()}}
+        sums = {}
+        for name, region in regions.items():
+            arrays.update({f"{name}.{a}": getattr(region, a) for a in RegionSample.ARRAYS})
+            arrays.update({f"{name}.state_{i}": s for i, s in enumerate(region.states or [])})
+            sums[name] = {"entropy_sum": region.entropy_sum, "n_voxels": region.n_voxels, "states": region.states is not None}
+        arrays["header"] = np.array(repr({"version": STATISTICS_VERSION, "case": self.case, "settings": asdict(self.settings),
+                                          "fit_seen": self.fit_seen, "fit_threshold": self.fit_threshold,
+                                          "model_id": self.model_id, "regions": sums}))
         return atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
     @classmethod
@@ -144,24 +166,37 @@ class CaseStatistics:
         Raises:
             StatisticsError: the file cannot be read or has another format version.
         """
-        import ast
-
         try:
             with np.load(path, allow_pickle=False) as data:
-                header = ast.literal_eval(str(data["header"]))
-                if header.get("version") != STATISTICS_VERSION:
-                    raise StatisticsError(f"{path} has statistics format {header.get('version')}, this nnunet-mbls "
-                                          f"reads {STATISTICS_VERSION}; run the validation again (nnunet-mbls calibrate)")
-                states = [data[f"metric_state_{i}"] for i in range(len(CalibrationAccumulator.STATE_NAMES))]
-                arrays = {k: data[k] for k in ("fit_keys", "fit_log_probs", "fit_target", "sample_log_probs",
-                                               "sample_target", "sample_stratum", "strata_sizes")}
+                header = read_header(data, path)
+                regions = {}
+                for name, sums in header["regions"].items():
+                    states = ([data[f"{name}.state_{i}"] for i in range(len(CalibrationAccumulator.STATE_NAMES))]
+                              if sums["states"] else None)
+                    regions[name] = RegionSample(states, sums["entropy_sum"], sums["n_voxels"],
+                                                 *(data[f"{name}.{a}"] for a in RegionSample.ARRAYS))
+                fit = {k: data[k] for k in ("fit_keys", "fit_log_probs", "fit_target")}
         except StatisticsError:
             raise
         except Exception as e:  # noqa: BLE001 -- any unreadable file gets the same message
             raise StatisticsError(f"cannot read the statistics file {path} ({type(e).__name__}: {e}); run the "
                                   f"validation again (nnunet-mbls calibrate)") from e
-        return cls(header["case"], StatisticsSettings(**header["settings"]), states, fit_seen=header["fit_seen"],
-                   fit_threshold=header["fit_threshold"], model_id=header["model_id"], extra=header["extra"], **arrays)
+        qc = {name[len("qc."):]: r for name, r in regions.items() if name.startswith("qc.")}
+        return cls(header["case"], StatisticsSettings(**header["settings"]), regions["metric"], fit_seen=header["fit_seen"],
+                   fit_threshold=header["fit_threshold"], qc=qc, model_id=header["model_id"], **fit)
+
+
+def read_header(data, path: str | Path) -> dict:
+    """The header of an open statistics file (``np.load``'s result).
+
+    Raises:
+        StatisticsError: another format version.
+    """
+    header = ast.literal_eval(str(data["header"]))
+    if header.get("version") != STATISTICS_VERSION:
+        raise StatisticsError(f"{path} has statistics format {header.get('version')}, this nnunet-mbls reads "
+                              f"{STATISTICS_VERSION}; run the validation again (nnunet-mbls calibrate)")
+    return header
 
 
 def pooled_fit_threshold(statistics: Sequence[CaseStatistics]) -> float:
@@ -170,55 +205,9 @@ def pooled_fit_threshold(statistics: Sequence[CaseStatistics]) -> float:
     return min((s.fit_threshold for s in statistics), default=1.0)
 
 
-class _RegionVoxels:
-    """The voxels of a region of the reference, read from logits in nnU-Net's cropped frame, in a fixed order:
-    those inside the crop box (C order of the cropped frame), then those outside it (background probability 1)."""
-
-    def __init__(self, logits: Tensor, ref_t: np.ndarray, mask_t: np.ndarray, inside: tuple[slice, ...]):
-        self.logits = logits
-        self.mask_in = np.ascontiguousarray(mask_t[inside])
-        outside = mask_t.copy()
-        outside[inside] = False
-        self.target_out = ref_t[outside].astype(np.int64)
-        self.ref_in = ref_t[inside]
-        self.n_in = int(self.mask_in.sum())
-        self.n = self.n_in + self.target_out.size
-        self._flat_in: np.ndarray | None = None
-
-    def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """(logits (C, n) float32, labels (n,) int64) chunk by chunk, in the voxel order."""
-        shape = self.mask_in.shape
-        rows = max(1, SLAB_VOXELS // max(1, int(np.prod(shape[1:]))))
-        for start in range(0, shape[0], rows):
-            mask = self.mask_in[start : start + rows]
-            if not mask.any():
-                continue
-            slab = self.logits[:, start : start + rows]
-            yield slab[:, torch.from_numpy(mask)].float(), torch.from_numpy(self.ref_in[start : start + rows][mask].astype(np.int64))
-        if self.target_out.size:
-            yield self._outside_logits(self.target_out.size), torch.from_numpy(self.target_out)
-
-    def _outside_logits(self, n: int) -> Tensor:
-        logits = torch.full((self.logits.shape[0], n), -math.inf)
-        logits[0] = 0.0
-        return logits
-
-    def gather(self, positions: np.ndarray) -> tuple[Tensor, np.ndarray]:
-        """Logits (C, k) float32 and labels (k,) int64 of the voxels at ``positions`` (sorted, in the voxel order)."""
-        inside, outside = positions[positions < self.n_in], positions[positions >= self.n_in] - self.n_in
-        if self._flat_in is None:
-            self._flat_in = np.flatnonzero(self.mask_in)
-        flat = self._flat_in[inside]
-        logits = self.logits.reshape(self.logits.shape[0], -1)[:, torch.from_numpy(flat)].float()
-        target = self.ref_in.reshape(-1)[flat].astype(np.int64)
-        if outside.size:
-            logits = torch.cat([logits, self._outside_logits(outside.size)], dim=1)
-            target = np.concatenate([target, self.target_out[outside]])
-        return logits, target
-
-
 def case_statistics(case: str, logits: Tensor | np.ndarray, ref: np.ndarray, properties: Mapping,
-                    transpose_forward: Sequence[int], settings: StatisticsSettings) -> CaseStatistics:
+                    transpose_forward: Sequence[int], settings: StatisticsSettings,
+                    segmentation: np.ndarray | None = None) -> CaseStatistics:
     """The statistics of one case.
 
     Args:
@@ -230,135 +219,97 @@ def case_statistics(case: str, logits: Tensor | np.ndarray, ref: np.ndarray, pro
         properties: the case's nnU-Net properties (``bbox_used_for_cropping``, ``shape_before_cropping``).
         transpose_forward: the plans' ``transpose_forward``.
         settings: the regions, bins, seed and sample sizes.
+        segmentation: (*spatial) the exported segmentation (original frame); given, the :data:`QC_REGIONS` are
+            computed too.
 
     Returns:
         The :class:`CaseStatistics`.
 
     Raises:
-        InputError: the logits, the reference and the properties do not fit together.
+        InputError: the logits, the reference, the segmentation and the properties do not fit together.
     """
-    logits = torch.as_tensor(logits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the sums are then the same in every process, as evaluate's (one thread per case)
+    try:
+        return _case_statistics(case, torch.as_tensor(logits), ref, properties, transpose_forward, settings,
+                                segmentation)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _case_statistics(case: str, logits: Tensor, ref: np.ndarray, properties: Mapping, transpose_forward: Sequence[int],
+                     settings: StatisticsSettings, segmentation: np.ndarray | None) -> CaseStatistics:
     order = [int(a) for a in transpose_forward]
     ref_t = ref.transpose(order)
     box = [[int(a), int(b)] for a, b in properties["bbox_used_for_cropping"]]
     inside = tuple(slice(a, b) for a, b in box)
     if tuple(ref_t.shape) != tuple(int(s) for s in properties["shape_before_cropping"]) or \
-            tuple(ref_t[inside].shape) != tuple(logits.shape[1:]) or logits.shape[0] != settings.num_classes:
+            tuple(ref_t[inside].shape) != tuple(logits.shape[1:]) or logits.shape[0] != settings.num_classes or \
+            (segmentation is not None and segmentation.shape != ref.shape):
         raise InputError(f"case {case}: logits {tuple(logits.shape)} (crop box {box}) do not fit the reference "
-                         f"{tuple(ref.shape)} transposed by {order} and {settings.num_classes} classes")
+                         f"{tuple(ref.shape)} transposed by {order} and {settings.num_classes} classes"
+                         + ("" if segmentation is None else f", or the segmentation {tuple(segmentation.shape)}"))
     box_original = [box[order.index(axis)] for axis in range(len(order))]
 
-    def mask_of(region: str) -> np.ndarray:
-        mask = region_mask(ref, region, settings.ignore_label, box_original, settings.boundary_width)
-        return mask.transpose(order)
+    def voxels_of(mask: np.ndarray) -> RegionVoxels:
+        return RegionVoxels(logits, ref_t, mask.transpose(order), inside)
 
-    metric_voxels = _RegionVoxels(logits, ref_t, mask_of(settings.region), inside)
-    fit_voxels = metric_voxels if settings.fit_region == settings.region else \
-        _RegionVoxels(logits, ref_t, mask_of(settings.fit_region), inside)
-    accumulator, strata = _metric_pass(metric_voxels, settings)
+    def mask_of(region: str) -> np.ndarray:
+        return region_mask(ref, region, settings.ignore_label, box_original, settings.boundary_width)
+
     rng = np.random.default_rng(case_seed(settings.seed + 1, case))
-    positions = _stratified_positions(strata, settings, rng)
-    sample_logits, sample_target = metric_voxels.gather(positions)
-    fit_keys, fit_positions = _smallest_keys(fit_voxels.n, settings.fit_capacity, case_seed(settings.seed, case))
-    order_by_position = np.argsort(fit_positions)
-    fit_logits, fit_target = fit_voxels.gather(fit_positions[order_by_position])
+    metric_voxels = voxels_of(mask_of(settings.region))
+    metric = region_sample(metric_voxels, settings, settings.sample_capacity(settings.metric_sample_bytes), rng, True)
+    qc = {}
+    if segmentation is not None:
+        masks = {"predicted_fg": segmentation != 0,
+                 "predicted_boundary": band_near_foreground(segmentation, None, settings.boundary_width),
+                 "reference_boundary": band_near_foreground(ref, settings.ignore_label, settings.boundary_width)}
+        for name, mask in masks.items():
+            qc[name] = region_sample(voxels_of(mask), settings, settings.sample_capacity(settings.qc_sample_bytes), rng,
+                                     QC_REGIONS[name][1])
+    fit_voxels = metric_voxels if settings.fit_region == settings.region else voxels_of(mask_of(settings.fit_region))
+    fit_keys, fit_positions = smallest_keys(fit_voxels.n, settings.fit_capacity, case_seed(settings.seed, case))
+    by_position = np.argsort(fit_positions)
+    fit_logits, fit_target = fit_voxels.gather(fit_positions[by_position])
     return CaseStatistics(
-        case, settings, [s.numpy() for s in accumulator.state_tensors()],
-        fit_keys=fit_keys[order_by_position], fit_log_probs=torch.log_softmax(fit_logits, 0).T.contiguous().numpy(),
-        fit_target=fit_target.astype(np.int16), fit_seen=fit_voxels.n,
-        fit_threshold=float(fit_keys.max()) if fit_voxels.n > settings.fit_capacity else 1.0,
-        sample_log_probs=torch.log_softmax(sample_logits, 0).T.contiguous().numpy(),
-        sample_target=sample_target.astype(np.int16), sample_stratum=strata[positions],
-        strata_sizes=np.bincount(strata, minlength=settings.num_strata).astype(np.int64),
+        case, settings, metric, fit_keys=fit_keys[by_position],
+        fit_log_probs=torch.log_softmax(fit_logits, 0).T.contiguous().numpy(), fit_target=fit_target.astype(np.int16),
+        fit_seen=fit_voxels.n, fit_threshold=float(fit_keys.max()) if fit_voxels.n > settings.fit_capacity else 1.0,
+        qc=qc,
     )
 
 
-def stratum_of(probs: Tensor, target: Tensor, n_bins: int) -> Tensor:
-    """Stratum of each voxel (n,) int16 from probabilities (C, n) and labels (n,): the top-label bin (the last
-    one split by half-octaves of 1 - confidence), doubled for the correct voxels (the prediction is the first
-    maximum, as :class:`CalibrationAccumulator` counts hits)."""
-    conf, predicted = probs.max(dim=0)
-    first = _first_half_octave(n_bins)
-    half_octave = torch.floor(-2 * torch.log2((1 - conf.double()).clamp(min=2.0**-_LAST_HALF_OCTAVE)))
-    last = half_octave.clamp(first, _LAST_HALF_OCTAVE).long() - first + n_bins - 1
-    top = bin_index(conf, n_bins)
-    stratum = torch.where(top < n_bins - 1, top, last)
-    per_correctness = n_bins - 1 + _LAST_HALF_OCTAVE - first + 1
-    return (stratum + per_correctness * (predicted == target)).to(torch.int16)
+def band_near_foreground(labels: np.ndarray, ignore_label: int | None, width: int) -> np.ndarray:
+    """:func:`~nnunet_mbls.calibration.regions.region_mask`'s ``boundary`` band, computed only inside the bounding
+    box of the non-zero labels grown by ``width + 1`` (a band voxel lies within ``width`` of a non-zero label, and
+    beyond the box every label is 0 like the box's edge, so the result is the same as on the whole image)."""
+    mask = np.zeros(labels.shape, dtype=bool)
+    nonzero = np.nonzero(labels)
+    if not nonzero[0].size:
+        return mask
+    box = tuple(slice(max(int(a.min()) - width - 1, 0), int(a.max()) + width + 2) for a in nonzero)
+    mask[box] = region_mask(labels[box], "boundary", ignore_label, boundary_width=width)
+    return mask
 
 
-def _metric_pass(voxels: _RegionVoxels, settings: StatisticsSettings) -> tuple[CalibrationAccumulator, np.ndarray]:
-    accumulator = CalibrationAccumulator(settings.num_classes, settings.n_bins)
+def region_sample(voxels: RegionVoxels, settings: StatisticsSettings, capacity: int, rng: np.random.Generator,
+                  keep_states: bool) -> RegionSample:
+    """The sums of a region as trained (accumulator states if ``keep_states``, entropy) and its stratified sample."""
+    accumulator = CalibrationAccumulator(settings.num_classes, settings.n_bins) if keep_states else None
     strata = np.empty(voxels.n, dtype=np.int16)
-    start = 0
+    entropy_sum, start = 0.0, 0
     for logits, target in voxels.chunks():
         probs = torch.softmax(logits, dim=0)
-        accumulator.update(probs, target)
+        if accumulator is not None:
+            accumulator.update(probs, target)
+        entropy_sum -= float(torch.special.xlogy(probs, probs).sum(dtype=torch.float64))
         strata[start : start + target.numel()] = stratum_of(probs, target, settings.n_bins).numpy()
         start += target.numel()
-    return accumulator, strata
-
-
-def allocate(sizes: np.ndarray, capacity: int) -> np.ndarray:
-    """Sample size per stratum: equal shares of ``capacity``, a stratum smaller than its share taken whole and
-    the rest shared again (so every voxel is kept when the region has at most ``capacity`` voxels)."""
-    sizes = np.asarray(sizes, dtype=np.int64)
-    taken = np.zeros_like(sizes)
-    open_ = sizes > 0
-    budget = int(capacity)
-    while open_.any() and budget > 0:
-        share = budget // int(open_.sum())
-        small = open_ & (sizes <= share)
-        if not small.any():
-            taken[open_] = share
-            for index in np.flatnonzero(open_)[: budget - share * int(open_.sum())]:
-                taken[index] += 1  # the remainder, one voxel each to the first open strata
-            break
-        taken[small] = sizes[small]
-        budget -= int(sizes[small].sum())
-        open_ &= ~small
-    return taken
-
-
-def _stratified_positions(strata: np.ndarray, settings: StatisticsSettings, rng: np.random.Generator) -> np.ndarray:
-    """Positions (sorted) of a stratified sample without replacement of the voxels, allocated by :func:`allocate`."""
-    sizes = np.bincount(strata, minlength=settings.num_strata)
-    taken = allocate(sizes, settings.metric_capacity)
-    if (taken == sizes).all():
-        return np.arange(strata.size)
-    by_stratum = np.argsort(strata, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    chosen = [by_stratum[start + rng.choice(size, k, replace=False, shuffle=False)] if k < size else
-              by_stratum[start : start + size] for start, size, k in zip(starts, sizes, taken) if k]
-    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, np.int64)
-
-
-def _smallest_keys(n: int, capacity: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform keys for n voxels (a float64 generator seeded with ``seed``, drawn in chunks) and the positions of
-    the ``capacity`` smallest: (keys, positions), memory bounded by 2 x capacity + one chunk."""
-    generator = torch.Generator().manual_seed(int(seed))
-    keys_held, positions_held, held, threshold = [], [], 0, math.inf
-    chunk = max(2**20, capacity)
-    for start in range(0, n, chunk):
-        keys = torch.rand(min(chunk, n - start), generator=generator, dtype=torch.float64)
-        index = torch.nonzero(keys < threshold).squeeze(1) if threshold < math.inf else torch.arange(keys.numel())
-        keys_held.append(keys[index])
-        positions_held.append(index + start)
-        held += index.numel()
-        if held > 2 * capacity:
-            keys_held, positions_held, threshold = _keep_smallest(keys_held, positions_held, capacity)
-            held = capacity
-    if not keys_held:
-        return np.empty(0), np.empty(0, np.int64)
-    keys_held, positions_held, _ = _keep_smallest(keys_held, positions_held, capacity)
-    return keys_held[0].numpy(), positions_held[0].numpy()
-
-
-def _keep_smallest(keys: list[Tensor], positions: list[Tensor], capacity: int):
-    keys_all, positions_all = torch.cat(keys), torch.cat(positions)
-    threshold = math.inf
-    if keys_all.numel() > capacity:
-        index = torch.topk(keys_all, capacity, largest=False).indices
-        keys_all, positions_all = keys_all[index], positions_all[index]
-        threshold = float(keys_all.max())
-    return [keys_all], [positions_all], threshold
+    positions = stratified_positions(strata, settings.n_bins, capacity, rng)
+    sample_logits, sample_target = voxels.gather(positions)
+    return RegionSample(
+        [s.numpy() for s in accumulator.state_tensors()] if accumulator is not None else None, entropy_sum, voxels.n,
+        torch.log_softmax(sample_logits, 0).T.contiguous().numpy(), sample_target.astype(np.int16), strata[positions],
+        np.bincount(strata, minlength=settings.num_strata).astype(np.int64),
+    )

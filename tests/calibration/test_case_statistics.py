@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from nnunet_mbls.calibration.after_temperature import accumulator_after, is_exact
-from nnunet_mbls.calibration.case_statistics import (CaseStatistics, StatisticsSettings, allocate, case_statistics,
-                                                     pooled_fit_threshold)
+from nnunet_mbls.calibration.after_temperature import mean_entropy_after
+from nnunet_mbls.calibration.case_statistics import (CaseStatistics, StatisticsSettings, band_near_foreground,
+                                                     case_statistics, pooled_fit_threshold)
 from nnunet_mbls.calibration.metrics import CalibrationAccumulator
 from nnunet_mbls.calibration.regions import region_mask
 from nnunet_mbls.calibration.subsample import case_seed
@@ -129,7 +130,7 @@ def test_estimator_after_t_on_a_sampled_region_is_close_and_unbiased_over_seeds(
     for seed in range(12):
         settings = StatisticsSettings(C, region="all", seed=seed, metric_sample_bytes=(4 * C + 4) * 200)
         statistics = case_statistics("case_3", logits, ref, properties, TRANSPOSE, settings)
-        assert not is_exact(statistics) and statistics.sample_target.size == 200
+        assert not is_exact(statistics) and statistics.metric.target.size == 200
         estimate = accumulator_after(statistics, 2.0).compute()
         assert estimate["n_voxels"] == exact["n_voxels"]
         errors.append(estimate["ece"] - exact["ece"])
@@ -137,10 +138,35 @@ def test_estimator_after_t_on_a_sampled_region_is_close_and_unbiased_over_seeds(
     assert abs(np.mean(errors)) < 0.01
 
 
-def test_allocate_takes_small_strata_whole_and_shares_the_rest():
-    np.testing.assert_array_equal(allocate(np.array([0, 3, 100, 50]), 60), [0, 3, 29, 28])
-    np.testing.assert_array_equal(allocate(np.array([5, 7]), 100), [5, 7])
-    assert allocate(np.array([10, 10, 10]), 7).sum() == 7
+def test_scores_of_the_benchmark_equal_the_qc_functions_on_the_probabilities():
+    """With the segmentation, the per-case scores (mean entropy over the predicted foreground and boundary band,
+    ECE of the reference boundary band) as trained and after T equal those the benchmark computed from the .npz."""
+    from nnunet_mbls.benchmark.cases import boundary_ece
+    from nnunet_mbls.calibration.evaluation import LabelInfo
+    from nnunet_mbls.inference.qc import case_scores
+
+    logits, ref, properties = make_case(6)
+    probs = probabilities_in_original_frame(logits, ref.shape)
+    segmentation = probs.argmax(0).astype(np.uint8)
+    statistics = case_statistics("case_6", logits, ref, properties, TRANSPOSE, StatisticsSettings(C), segmentation)
+    labels = LabelInfo(C, None, {i: f"c{i}" for i in range(C)})
+    for temperature in (1.0, 0.6, 2.5):
+        tempered = apply_temperature(probs, temperature)
+        expected = case_scores(segmentation, tempered, (1, 1, 1), {i: f"c{i}" for i in range(1, C)})
+        assert mean_entropy_after(statistics.qc["predicted_fg"], temperature) == pytest.approx(expected["mean_entropy_fg"], rel=1e-5)
+        assert mean_entropy_after(statistics.qc["predicted_boundary"], temperature) == pytest.approx(
+            expected["mean_entropy_boundary"], rel=1e-5)
+        ece = accumulator_after(statistics, temperature, statistics.qc["reference_boundary"]).compute()["ece"]
+        assert ece == pytest.approx(boundary_ece(tempered, ref, labels), abs=1e-6)
+
+
+def test_band_near_foreground_equals_the_band_on_the_whole_image():
+    rng = np.random.default_rng(0)
+    labels = np.zeros((30, 40, 20), np.uint8)
+    labels[10:18, 5:12, 0:6] = rng.integers(0, 3, (8, 7, 6))
+    labels[12, 30, 10] = 4
+    for width in (1, 2, 3):
+        np.testing.assert_array_equal(band_near_foreground(labels, 4, width), region_mask(labels, "boundary", 4, None, width))
 
 
 def test_save_and_load_round_trip(tmp_path):

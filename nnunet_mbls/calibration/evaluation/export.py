@@ -101,15 +101,16 @@ def export_with_statistics(job: StatisticsExport, predicted_logits, properties: 
         reader = plans_manager.image_reader_writer_class()
         ref, _ = reader.read_seg(str(Path(job.reference_folder) / f"{case}{dataset_json['file_ending']}"))
         ref = ref[0].astype(np.uint8 if ref.max() < 256 else np.int32)  # nnU-Net's readers return float32 labels
-        statistics = case_statistics(case, logits, ref, properties, plans_manager.transpose_forward, job.settings)
+        segmentation = segmentation_in_original_frame(logits, properties, plans_manager, label_manager)
+        statistics = case_statistics(case, logits, ref, properties, plans_manager.transpose_forward, job.settings,
+                                     segmentation)
         statistics.model_id = job.model_id
         statistics.save(Path(job.output_folder) / f"{case}.npz")
+        del logits
         if save_probabilities:  # nnU-Net's own export writes the .npz/.pkl the user asked for (and the segmentation)
             export_prediction_from_logits(predicted_logits, properties, configuration_manager, plans_manager,
                                           dataset_json, output_file_truncated, True, num_threads_torch or default_num_processes)
             return
-        segmentation = segmentation_in_original_frame(logits, properties, plans_manager, label_manager)
-        del logits
         reader.write_seg(segmentation, output_file_truncated + dataset_json["file_ending"], properties)
     finally:
         torch.set_num_threads(threads)
