@@ -17,9 +17,11 @@ several T.
 
 The case: labels of ellipsoids (one per foreground class) in a volume; logits = 8 x one-hot of the labels
 shifted by one voxel (so boundaries are wrong), box-blurred over 5 voxels (uncertain boundaries) plus Gaussian
-noise; identity spacing (no resampling), crop box = the whole image. Sizes: ``amos`` 16 classes, 100 x 512 x 512
-(26 M voxels); ``totalseg`` 117 classes, 128 x 160 x 160 (a 1.5 mm abdomen crop, 3.3 M voxels); ``--quick``
-4 classes, 32 x 64 x 64.
+noise; identity spacing (no resampling, the worst case for the ratio, as in the measurement that opened issue 19),
+crop box = the whole image. Sizes: ``amos`` 16 classes, 100 x 512 x 512 (26 M voxels); ``amos_resampled`` the same
+image with logits on a 100 x 384 x 384 network grid (in-plane spacing 1.0 mm -> 0.75 mm: nnU-Net's export resamples
+them, as it does for every case whose spacing differs from the plans'); ``totalseg`` 117 classes, 128 x 160 x 160
+(a 1.5 mm abdomen crop, 3.3 M voxels); ``--quick`` 4 classes, 32 x 64 x 64.
 
     python benchmarks/bench_calibration_step.py --sizes amos totalseg --repeats 3 --estimator --out results.json
     python benchmarks/bench_calibration_step.py --quick     # last line: ratio=<ours/stock> extra_disk_mb_per_case=<MB>
@@ -43,13 +45,17 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, markdown_table, save_json  # noqa: E402
 
-SIZES = {"quick": (4, (32, 64, 64)), "amos": (16, (100, 512, 512)), "totalseg": (117, (128, 160, 160))}
+#: name -> (classes, image shape, network-grid shape of the logits: None = the image's, no resampling)
+SIZES = {"quick": (4, (32, 64, 64), None), "amos": (16, (100, 512, 512), None),
+         "amos_resampled": (16, (100, 512, 512), (100, 384, 384)), "totalseg": (117, (128, 160, 160), None)}
 ROUTES = ("stock", "ours", "npz")
 TEMPERATURES = (0.7, 1.3, 2.0)
 
 
-def make_case(folder: Path, num_classes: int, shape: tuple[int, int, int], seed: int = 0) -> None:
-    """Write logits.npy (C, *shape) float32, gt/case.nii.gz, plans.json, dataset.json and properties.json."""
+def make_case(folder: Path, num_classes: int, shape: tuple[int, int, int], network: tuple[int, int, int] | None = None,
+              seed: int = 0) -> None:
+    """Write logits.npy (C, *network or shape) float32, gt/case.nii.gz, plans.json, dataset.json and
+    properties.json."""
     import SimpleITK as sitk
     from scipy import ndimage
 
@@ -64,12 +70,14 @@ def make_case(folder: Path, num_classes: int, shape: tuple[int, int, int], seed:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "gt").mkdir(exist_ok=True)
     image = sitk.GetImageFromArray(labels)
-    sitk.WriteImage(image, str(folder / "gt" / "case.nii.gz"))
     shifted = np.roll(labels, 1, axis=2)
-    logits = np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float32, shape=(num_classes, *shape))
+    grid = network or shape
+    if network is not None:  # the labels on the network grid (nearest neighbour)
+        shifted = shifted[np.ix_(*[np.floor(np.arange(n) * s / n).astype(int) for n, s in zip(network, shape)])]
+    logits = np.lib.format.open_memmap(folder / "logits.npy", mode="w+", dtype=np.float32, shape=(num_classes, *grid))
     for c in range(num_classes):
         channel = ndimage.uniform_filter((shifted == c).astype(np.float32) * 8.0, size=5)
-        channel += rng.normal(0, 0.5, size=shape).astype(np.float32)
+        channel += rng.normal(0, 0.5, size=grid).astype(np.float32)
         logits[c] = channel
     logits.flush()
     configuration = {
@@ -90,7 +98,10 @@ def make_case(folder: Path, num_classes: int, shape: tuple[int, int, int], seed:
              "foreground_intensity_properties_per_channel": {}, "configurations": {"3d_fullres": configuration}}
     dataset = {"channel_names": {"0": "CT"}, "labels": {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}},
                "numTraining": 1, "file_ending": ".nii.gz"}
-    properties = {"spacing": [1.0, 1.0, 1.0], "shape_before_cropping": list(shape),
+    spacing = [1.0] + [g / s for g, s in zip(grid[1:], shape[1:])]
+    image.SetSpacing(spacing[::-1])
+    sitk.WriteImage(image, str(folder / "gt" / "case.nii.gz"))
+    properties = {"spacing": spacing, "shape_before_cropping": list(shape),
                   "bbox_used_for_cropping": [[0, s] for s in shape], "shape_after_cropping_and_before_resampling": list(shape),
                   "sitk_stuff": {"spacing": image.GetSpacing(), "origin": image.GetOrigin(), "direction": image.GetDirection()}}
     for name, value in (("plans", plans), ("dataset", dataset), ("properties", properties)):
@@ -193,10 +204,10 @@ def main() -> None:
     results = {"machine": machine_info(), "command": " ".join(sys.argv), "sizes": {}}
     rows = []
     for size in sizes:
-        num_classes, shape = SIZES[size]
+        num_classes, shape, network = SIZES[size]
         folder = work / size
         if not (folder / "logits.npy").is_file():
-            make_case(folder, num_classes, shape)
+            make_case(folder, num_classes, shape, network)
         runs = {route: [] for route in ROUTES}
         for _ in range(repeats):
             for route in ("stock", "ours"):
@@ -211,7 +222,7 @@ def main() -> None:
                  "ratio_npz_stock": summary["npz"]["seconds"] / summary["stock"]["seconds"],
                  "peak_ratio_ours_stock": summary["ours"]["peak_rss_mib"] / summary["stock"]["peak_rss_mib"],
                  "extra_disk_mb_per_case": (summary["ours"]["bytes_written"] - summary["stock"]["bytes_written"]) / 1e6}
-        if args.estimator:
+        if args.estimator and network is None:  # the exact values need the logits on the image grid
             entry["estimator"] = measure(folder, "estimator")["estimator"]
         results["sizes"][size] = entry
         for route in ROUTES:

@@ -116,3 +116,21 @@ validation.run_streamed_validation("501", "3d_fullres", "1", "nnUNetTrainerStock
     nn.run("nnunet-mbls", "calibrate", "-d", "501", "-c", "3d_fullres", "-f", "1", "-tr", "nnUNetTrainerStock_test",
            "-device", "cpu")
     assert json.loads((fold / "calibration.json").read_text())["temperature"] == T
+
+
+def test_ensemble_of_a_npz_fold_and_a_streamed_fold_streams_both(streamed_stock_fold, trained_stock_3d):
+    """`calibrate -f 0 1` where fold 0 kept nnU-Net's .npz (--npz) and fold 1 has statistics only: fold 0 is validated
+    once more, streaming, and the shared T is fitted on both folds' pooled statistics (the .npz are left alone)."""
+    from nnunet_mbls.calibration.evaluation.statistics import fit_temperature_on_statistics
+
+    nn, dataset, fold_1 = streamed_stock_fold
+    fold_0 = trained_stock_3d[2]
+    npz_before = sorted(p.name for p in (fold_0 / "validation").glob("*.npz"))
+    nn.run("nnunet-mbls", "calibrate", "-d", "501", "-c", "3d_fullres", "-f", "0", "1", "-tr", "nnUNetTrainerStock_test",
+           "-device", "cpu")
+    record = json.loads((fold_1.parent / "calibration_ensemble.json").read_text())
+    assert record["statistics"]["source"].startswith("statistics streamed")
+    assert sorted(p.name for p in (fold_0 / "validation").glob("*.npz")) == npz_before
+    files = sorted((fold_0 / "validation_statistics").glob("*.npz")) + sorted((fold_1 / "validation_statistics").glob("*.npz"))
+    assert len(files) == 4
+    assert record["temperature"] == pytest.approx(fit_temperature_on_statistics(files, 10**6, 0)[0], rel=1e-9)

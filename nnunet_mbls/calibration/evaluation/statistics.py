@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..after_temperature import accumulator_after, is_exact
-from ..case_statistics import CaseStatistics, StatisticsError, pooled_fit_threshold
+from ..case_statistics import CaseStatistics, StatisticsError, StatisticsSettings, case_statistics, pooled_fit_threshold
 from ..metrics import CalibrationAccumulator
 from ..subsample import VoxelSubsampler
 from ..temperature import fit_temperature
@@ -128,5 +128,33 @@ def evaluate_statistics(files: Sequence[Path], segmentation: dict[str, dict], da
     return summarise(per_case, pooled, labels, region, temperature), exact
 
 
-__all__ = ["evaluate_statistics", "fit_temperature_on_statistics", "pooled_fit_threshold", "read_headers",
+def statistics_from_npz(validation: Path, ref_folder: Path, cases: Sequence[str], dataset_json: dict,
+                        settings: StatisticsSettings, transpose_forward: Sequence[int], out_folder: Path,
+                        progress: bool = False) -> list[Path]:
+    """The statistics of cases validated with nnU-Net's ``.npz`` (a fold of nnunet-mbls <= 0.2, or stock ``--npz``),
+    written into ``out_folder``, so that such a fold pools with streamed ones: log p in nnU-Net's cropped,
+    transposed frame stands for the logits (softmax(log p) = p), the segmentation is its argmax.
+
+    Returns:
+        The files, in case order.
+    """
+    from .inputs import load_probabilities
+
+    ending = dataset_json["file_ending"]
+    reader = reader_for(dataset_json, Path(ref_folder) / f"{cases[0]}{ending}")
+    order = [int(a) for a in transpose_forward]
+    files = []
+    for case in tqdm(cases, desc="statistics from .npz", disable=not progress):
+        probs, properties = load_probabilities(case, Path(validation) / f"{case}.npz")
+        ref, _ = reader.read_seg(str(Path(ref_folder) / f"{case}{ending}"))
+        box = tuple(slice(int(a), int(b)) for a, b in properties["bbox_used_for_cropping"])
+        log_probs = np.log(np.maximum(probs.transpose([0] + [a + 1 for a in order])[(slice(None), *box)], 1e-38))
+        statistics = case_statistics(case, log_probs, ref[0].astype(np.int32), properties, order, settings,
+                                     probs.argmax(0))
+        statistics.model_id = "npz"
+        files.append(statistics.save(Path(out_folder) / f"{case}.npz"))
+    return files
+
+
+__all__ = ["statistics_from_npz", "evaluate_statistics", "fit_temperature_on_statistics", "pooled_fit_threshold", "read_headers",
            "segmentation_metrics_of_cases", "statistics_files"]

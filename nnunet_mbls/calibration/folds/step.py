@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -32,9 +33,11 @@ from ...defaults import FIT_REGION, FIT_REGIONS, MAX_VOXELS, METRIC_REGION, SEED
 from ...errors import NnunetMblsError
 from ..after_temperature import ESTIMATOR
 from ..evaluation import case_workers, evaluate_folder
+from ..case_statistics import StatisticsSettings
+from ..evaluation import LabelInfo, resolve_transpose_forward
 from ..evaluation.statistics import (evaluate_statistics, fit_temperature_on_statistics, read_headers,
-                                     segmentation_metrics_of_cases, statistics_files)
-from ...io import atomic_write_json
+                                     segmentation_metrics_of_cases, statistics_files, statistics_from_npz)
+from ...io import atomic_write_json, partial_folder
 from ...layout import CALIBRATED_CHECKPOINT, FoldFolder, fold_name
 from ...locks import fold_lock
 from ..checkpoint import fold_temperature_into_checkpoint
@@ -107,20 +110,21 @@ def fit_temperature_on(gt: Path, prediction_folders: list[Path], dataset_json: d
     return TemperatureFit(temperature, int(target.numel()), before, after)
 
 
-def fit_temperature_on_streamed(gt: Path, folds: list[FoldFolder], cases: list[list[str]], dataset_json: dict,
-                                max_voxels: int, seed: int, progress: bool) -> tuple[TemperatureFit, dict]:
-    """:func:`fit_temperature_on` from the folds' streamed statistics (``validation_statistics/``) and nnU-Net's
-    exported segmentations, without probability files.
+def fit_temperature_on_streamed(gt: Path, statistics_folders: list[Path], segmentation_folders: list[Path],
+                                cases: list[list[str]], dataset_json: dict, max_voxels: int, seed: int,
+                                progress: bool) -> tuple[TemperatureFit, dict]:
+    """:func:`fit_temperature_on` from streamed statistics (one folder per fold, with its cases) and the segmentations
+    nnU-Net exported beside them, without probability files.
 
     Returns:
         (the fit, what calibration.json records about the statistics: their source and whether the metrics
         after T are exact or estimated).
     """
-    files = [f for fold, fold_cases in zip(folds, cases) for f in statistics_files(fold.validation_statistics, fold_cases)]
+    files = [f for folder, fold_cases in zip(statistics_folders, cases) for f in statistics_files(folder, fold_cases)]
     temperature, size = fit_temperature_on_statistics(files, max_voxels, seed)
     segmentation = {}
-    for fold, fold_cases in zip(folds, cases):
-        segmentation.update(segmentation_metrics_of_cases(gt, fold.validation, fold_cases, dataset_json, progress))
+    for folder, fold_cases in zip(segmentation_folders, cases):
+        segmentation.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
     before, _ = evaluate_statistics(files, segmentation, dataset_json, None, progress)
     after, exact = evaluate_statistics(files, segmentation, dataset_json, temperature, progress)
     record = {
@@ -183,24 +187,56 @@ def fit_on_folds(folders: list[Path], expected_cases: list[list[str] | None], re
     dataset_json = json.loads((folds[0].trainer_folder / "dataset.json").read_text())
     gt = gt_folder_for(folds[0].path)
     streamed = [streamed_cases(f, cases, region, fit_region, model_id, seed) for f, cases in zip(folders, expected_cases)]
-    if all(cases is not None for cases in streamed):
-        return fit_temperature_on_streamed(gt, folds, streamed, dataset_json, max_voxels, seed, progress)
-    for folder, cases in zip(folders, expected_cases):
-        check_validation_complete(folder, cases)
-    # gt_segmentations holds every training case, validation/ only the fold's: chill (completeness checked above)
-    fit = fit_temperature_on(gt, [f.validation for f in folds], dataset_json, plans_of(folds[0].trainer_folder),
-                             region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
-    return fit, NPZ_SOURCE
+    if all(cases is None for cases in streamed):  # the .npz route (every fold has its .npz: checked here)
+        for folder, cases in zip(folders, expected_cases):
+            check_validation_complete(folder, cases)
+        # gt_segmentations holds every training case, validation/ only the fold's: chill (completeness checked above)
+        fit = fit_temperature_on(gt, [f.validation for f in folds], dataset_json, plans_of(folds[0].trainer_folder),
+                                 region, fit_region, max_voxels, seed, progress, num_processes=num_processes)
+        return fit, NPZ_SOURCE
+    with statistics_of_folds(folds, streamed, expected_cases, dataset_json, region, fit_region, seed,
+                             progress) as (statistics_folders, cases):
+        return fit_temperature_on_streamed(gt, statistics_folders, [f.validation for f in folds], cases, dataset_json,
+                                           max_voxels, seed, progress)
+
+
+@contextmanager
+def statistics_of_folds(folds: list[FoldFolder], streamed: list[list[str] | None], expected_cases: list[list[str] | None],
+                        dataset_json: dict, region: str, fit_region: str, seed: int, progress: bool):
+    """(statistics folder, cases) of every fold: its ``validation_statistics/`` where :func:`streamed_cases` found
+    them (``streamed``), else statistics made from its ``.npz`` (:func:`~nnunet_mbls.calibration.evaluation.statistics.statistics_from_npz`)
+    in a temporary folder inside the trainer folder, removed when the block ends (nothing is written into the fold)."""
+    with partial_folder(folds[0].trainer_folder) as tmp:
+        statistics_folders, cases = [], []
+        for fold, fold_streamed, expected in zip(folds, streamed, expected_cases):
+            if fold_streamed is not None:
+                statistics_folders.append(fold.validation_statistics)
+                cases.append(fold_streamed)
+                continue
+            check_validation_complete(fold.path, expected)
+            fold_cases = sorted(expected) if expected is not None else (validation_cases_of_fold(fold.path) or sorted(
+                p.name[: -len(".npz")] for p in fold.validation.glob("*.npz")))
+            labels = LabelInfo.from_dataset_json(dataset_json)
+            settings = StatisticsSettings(labels.num_classes, labels.ignore_label, region, fit_region, seed=seed)
+            out = Path(tmp) / fold.path.name
+            out.mkdir()
+            statistics_from_npz(fold.validation, gt_folder_for(fold.path), fold_cases, dataset_json, settings,
+                                resolve_transpose_forward(plans_of(fold.trainer_folder), fold.validation), out, progress)
+            statistics_folders.append(out)
+            cases.append(fold_cases)
+        yield statistics_folders, cases
 
 
 def check_validation_complete(folder: Path, expected_cases: list[str] | None = None) -> None:
-    """CalibrationStepError naming the command unless ``validation/`` holds every validation case's ``.npz``."""
+    """CalibrationStepError naming the command unless ``validation/`` holds every validation case's ``.npz`` (the
+    route of folds without streamed statistics)."""
     fold = FoldFolder.at(folder)
     validation = fold.validation
     if not validation.is_dir() or not any(validation.glob("*.npz")):
         raise CalibrationStepError(
-            f"{validation} has no .npz probabilities; run {fold.train_command('--val --npz')} first "
-            f"(or nnunet-mbls calibrate, which does it for you)"
+            f"{folder} has neither the streamed statistics of its validation cases ({fold.validation_statistics.name}/) "
+            f"nor their .npz probabilities; run {fold.calibrate_command()} (it runs nnU-Net's validation, streaming "
+            f"the statistics), or {fold.train_command('--val --npz')} for nnU-Net's .npz"
         )
     expected = sorted(expected_cases) if expected_cases is not None else validation_cases_of_fold(folder)
     if expected is not None:
@@ -209,7 +245,8 @@ def check_validation_complete(folder: Path, expected_cases: list[str] | None = N
             raise CalibrationStepError(
                 f"{validation} lacks the probabilities of validation cases {absent[:10]}"
                 f"{' ...' if len(absent) > 10 else ''} ({len(absent)} of {len(expected)}; interrupted validation?); "
-                f"run {fold.train_command('--val --npz')} first"
+                f"run {fold.calibrate_command()} (it validates again, streaming the statistics), or "
+                f"{fold.train_command('--val --npz')} first"
             )
 
 

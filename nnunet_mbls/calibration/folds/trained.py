@@ -40,20 +40,29 @@ def calibrate_trained_model(
     settings = {"region": kwargs.get("region") or METRIC_REGION, "fit_region": kwargs.get("fit_region") or FIT_REGION,
                 "seed": kwargs.get("seed", SEED)}
     with fold_locks([FoldFolder.of(dataset, configuration, f, trainer, plans).path for f in folds]):
-        prepared = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device, **settings)
-                    for f in folds]
+        # every fold on one route: the .npz only when every fold has them, else statistics (validating where missing)
+        npz_everywhere = all(has_every_npz(FoldFolder.of(dataset, configuration, f, trainer, plans)) for f in folds)
+        prepared = [prepare_fold_for_calibration(dataset, configuration, f, trainer, plans, device, **settings,
+                                                 npz_allowed=npz_everywhere) for f in folds]
         folders = [folder for folder, _ in prepared]
         if len(folders) == 1:
             return calibrate_output_folder(folders[0], num_processes=num_processes, model_id=prepared[0][1], **kwargs)
         return calibrate_ensemble(folders, num_processes=num_processes, **kwargs)
 
 
+def has_every_npz(fold: FoldFolder) -> bool:
+    """Whether ``validation/`` holds the ``.npz`` of every validation case of the fold."""
+    expected = validation_cases_of_fold(fold.path)
+    have = {npz.name[: -len(".npz")] for npz in fold.validation.glob("*.npz")}
+    return bool(have) and (expected is None or set(expected) <= have)
+
+
 def prepare_fold_for_calibration(dataset: str, configuration: str, fold: str, trainer: str, plans: str, device: str,
                                  region: str = METRIC_REGION, fit_region: str = FIT_REGION,
-                                 seed: int = SEED) -> tuple[Path, str | None]:
+                                 seed: int = SEED, npz_allowed: bool = True) -> tuple[Path, str | None]:
     """The fold folder, trained, with every validation case's streamed statistics computed by the weights of
     ``checkpoint_final.pth`` (nnU-Net's validation is run, streaming, when they are missing or stale), or, as
-    before, every case's ``.npz``.
+    before (and when ``npz_allowed``), every case's ``.npz``.
 
     Returns:
         (the fold folder, the id of the weights the statistics were computed with; None: the ``.npz`` route).
@@ -68,7 +77,6 @@ def prepare_fold_for_calibration(dataset: str, configuration: str, fold: str, tr
     model_id = weights_id(checkpoint["network_weights"])
     if streamed_cases(folder, expected, region, fit_region, model_id, seed) is not None:
         return folder, model_id
-    have = {npz.name[: -len(".npz")] for npz in fold_folder.validation.glob("*.npz")}
-    if have and (expected is None or set(expected) <= have):
+    if npz_allowed and has_every_npz(fold_folder):
         return folder, None
     return folder, run_streamed_validation(dataset, configuration, fold, trainer, plans, device, region, fit_region, seed)

@@ -37,7 +37,7 @@ from ..vector import apply_vector_scaling, choose_vector_or_temperature, fit_vec
 from .ensemble import calibrate_ensemble
 from .records import metric_summary
 from .step import (calibrate_output_folder, check_validation_complete, evaluate_streamed, gt_folder_for, plans_of,
-                   source_of, streamed_cases, validation_cases_of_fold)
+                   source_of, statistics_of_folds, streamed_cases, validation_cases_of_fold)
 
 
 def validation_logits(folder: Path, device: str, progress: bool = True):
@@ -106,7 +106,7 @@ def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: s
     streamed = [streamed_cases(folder, None, region, fit_region) for folder in folders]
     for folder, cases in zip(folders, streamed):
         if cases is None:
-            check_validation_complete(folder)
+            check_validation_complete(folder)  # its .npz, for the metrics before
     cases = [c for f in folders for c in (validation_cases_of_fold(f) or [])]
     per_case = max(1, max_voxels // max(1, len(cases)))
     rows, labels, groups, stored, export = [], [], [], [], None
@@ -139,12 +139,14 @@ def _calibrate_vector(folders: list[Path], max_voxels: int, seed: int, region: s
         for case, properties in stored:  # nnU-Net's export of the transformed logits, statistics streamed out of it
             transformed = apply_vector_scaling(np.load(Path(tmp) / f"{case}.npy").astype(np.float32), scale, bias)
             export_with_statistics(job, torch.from_numpy(transformed), properties, *export, str(after_folder / case))
-        if all(c is not None for c in streamed):
-            before, _ = evaluate_streamed(gt, [FoldFolder.at(f).validation_statistics for f in folders],
-                                          [FoldFolder.at(f).validation for f in folders], streamed, dataset_json, progress)
-        else:
+        if all(c is None for c in streamed):  # the .npz route, as before
             before = evaluate_folder(gt, [FoldFolder.at(f).validation for f in folders], dataset_json, region=region,
                                      chill=True, plans=plans, progress=progress)
+        else:
+            with statistics_of_folds([FoldFolder.at(f) for f in folders], streamed, [None] * len(folders), dataset_json,
+                                     region, fit_region, seed, progress) as (statistics_folders, fold_cases):
+                before, _ = evaluate_streamed(gt, statistics_folders, [FoldFolder.at(f).validation for f in folders],
+                                              fold_cases, dataset_json, progress)
         after, _ = evaluate_streamed(gt, [after_statistics], [after_folder], [[case for case, _ in stored]], dataset_json,
                                      progress)
     vector = {"scale": scale.tolist(), "bias": bias.tolist(),

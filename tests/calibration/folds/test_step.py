@@ -26,7 +26,8 @@ def test_calibrate_with_a_checkpoint_but_no_validation_probabilities_says_what_t
     write_seg(fold / "validation" / "case_0.nii.gz", labels)  # segmentations alone (validation without --npz)
     with pytest.raises(CalibrationStepError) as info:
         calibrate_output_folder(fold, progress=False)
-    assert "no .npz probabilities" in str(info.value)
+    assert "neither the streamed statistics of its validation cases (validation_statistics/) nor their .npz" in str(info.value)
+    assert "nnunet-mbls calibrate -d Dataset777_Hand -c 3d_fullres -f 0 -tr Tr -p nnUNetPlans" in str(info.value)
     assert "nnUNetv2_train Dataset777_Hand 3d_fullres 0 -tr Tr -p nnUNetPlans --val --npz" in str(info.value)
     assert not (fold / "calibration.json").exists() and not (fold / "checkpoint_final_calibrated.pth").exists()
 
