@@ -88,11 +88,17 @@ def _boundary_band(labels: np.ndarray, ignore_label: int | None, width: int) -> 
     for the minimum, so they never make a difference. mode="nearest" keeps the image border out.
     """
     size = 2 * check_positive_int("boundary_width", width, 2) + 1
-    lab = labels.astype(np.int64)
+    # the narrowest type that holds the labels and, with an ignore label, a value below and above all of them
+    # (the filters' time and memory scale with it: uint8 labels of a CT volume stay uint8)
+    if labels.dtype.itemsize <= 2 or labels.dtype == np.int32:
+        dtype = labels.dtype if ignore_label is None else np.int32
+    else:
+        dtype = np.int64
+    lab = labels.astype(dtype, copy=False)
     lo, hi = lab, lab
     if ignore_label is not None:
         ignored = lab == ignore_label
-        lo = np.where(ignored, np.iinfo(np.int64).min, lab)
-        hi = np.where(ignored, np.iinfo(np.int64).max, lab)
+        lo = np.where(ignored, np.iinfo(dtype).min, lab)
+        hi = np.where(ignored, np.iinfo(dtype).max, lab)
     highest = ndimage.maximum_filter(lo, size=size, mode="nearest")
     return highest != ndimage.minimum_filter(hi, size=size, mode="nearest")

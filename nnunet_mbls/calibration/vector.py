@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from nnunet_mbls.calibration.temperature import fit_temperature
+from nnunet_mbls.defaults import T_BOUNDS
 
 #: cross-validation splits over cases (fewer when there are fewer cases)
 CV_SPLITS = 5
@@ -48,11 +49,18 @@ def vector_nll(logits: Tensor, target: Tensor, scale: Tensor, bias: Tensor) -> f
     return float(torch.nn.functional.cross_entropy(z, target.long()))
 
 
+#: bound of each class's bias (logit units): exp(-30) ~ 1e-13 is below the NLL's floor of 1e-12
+BIAS_BOUND = 30.0
+
+
 def fit_vector_scaling(logits: Tensor, target: Tensor, max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """Fit a per-class scale and bias minimising the mean NLL of softmax(scale ⊙ logits + bias).
 
     L-BFGS in float64 from temperature scaling's solution (scale 1/T, bias 0); the scale is kept positive
-    as exp(log scale), and the bias of class 0 is fixed at 0 (softmax ignores a common shift).
+    as exp(log scale), and the bias of class 0 is fixed at 0 (softmax ignores a common shift). The scale is kept
+    within the temperature bounds (1/T_max .. 1/T_min) and each bias within ±:data:`BIAS_BOUND`: on separable
+    voxels, or with a class absent from them, the NLL keeps falling as they grow, and unbounded they reach inf
+    (seen on a two-epoch test model: the transformed logits became NaN).
 
     Args:
         logits: (N, C) voxel logits (never saved probabilities, see the module docstring).
@@ -75,17 +83,24 @@ def fit_vector_scaling(logits: Tensor, target: Tensor, max_iter: int = 100) -> t
     optimizer = torch.optim.LBFGS([log_scale, free_bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
                                   tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
+    low, high = -math.log(T_BOUNDS[1]), -math.log(T_BOUNDS[0])
+
+    def bounded() -> tuple[Tensor, Tensor]:
+        return (log_scale.clamp(low, high).exp(),
+                torch.cat([free_bias.new_zeros(1), free_bias.clamp(-BIAS_BOUND, BIAS_BOUND)]))
+
     def closure() -> Tensor:
         """L-BFGS's closure: the NLL at the current parameters, after its backward pass."""
         optimizer.zero_grad()
-        bias = torch.cat([free_bias.new_zeros(1), free_bias])
-        loss = torch.nn.functional.cross_entropy(z * log_scale.exp() + bias, t)
+        scale, bias = bounded()
+        loss = torch.nn.functional.cross_entropy(z * scale + bias, t)
         loss.backward()
         return loss
 
     optimizer.step(closure)
     with torch.no_grad():
-        return log_scale.exp().clone(), torch.cat([free_bias.new_zeros(1), free_bias]).clone()
+        scale, bias = bounded()
+        return scale.clone(), bias.clone()
 
 
 def choose_vector_or_temperature(logits: Tensor, target: Tensor, groups: Tensor) -> dict:

@@ -59,6 +59,11 @@ def test_benchmark_trains_calibrates_tabulates_and_resumes(trained_stock_3d, tmp
     splits = json.loads((nn.preprocessed / dataset / "splits_final.json").read_text())
     assert sorted((r["trainer"], r["case"]) for r in cases) == sorted((t, c) for t in TRAINERS for c in splits[0]["val"])
     fold = nn.fold_folder(dataset, "nnUNetTrainerMbLS_test", "3d_fullres")
+    # the benchmark trained without probability files (streamed statistics); nnU-Net's own --val --npz of the same
+    # checkpoint gives the .npz that `nnunet-mbls maps` scores independently
+    assert not list((fold / "validation").glob("*.npz"))
+    nn.run("nnUNetv2_train", "501", "3d_fullres", "0", "-tr", "nnUNetTrainerMbLS_test", "--val", "--npz", "-device", "cpu",
+           training=True)
     qc_input = tmp_path / "qc_input"
     qc_input.mkdir()
     for f in list((fold / "validation").glob("case_*")) + [fold.parent / "dataset.json", fold.parent / "plans.json"]:
@@ -95,7 +100,9 @@ def test_a_failed_calibration_step_keeps_the_training_and_is_redone_without_retr
     assert redo in proc.stderr and redo in log and "max_voxels must be an integer >= 1" in log
     splits = json.loads((nn.preprocessed / dataset / "splits_final.json").read_text())
     assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
-    assert {p.name[:-4] for p in (fold / "validation").glob("*.npz")} == set(splits[0]["val"])
+    # the statistics streamed out of the validation stay for the redo; no probability file was written
+    assert {p.name[:-4] for p in (fold / "validation_statistics").glob("*.npz")} == set(splits[0]["val"])
+    assert not list((fold / "validation").glob("*.npz"))
     assert not (fold / "calibration.json").exists()
 
     grid = ["-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", trainer, "--baseline", trainer]

@@ -3,6 +3,7 @@ cases guards against over-fitting."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nnunet_mbls.calibration.vector import choose_vector_or_temperature, fit_vector_scaling, vector_nll
@@ -42,3 +43,21 @@ def test_cross_validation_picks_vector_when_classes_need_their_own_scale():
 def test_one_case_cannot_be_cross_validated():
     z, y, groups = sample([1.0] * 3, [0.0] * 3, cases=1, per_case=500, seed=3)
     assert choose_vector_or_temperature(z, y, groups)["chosen"] == "temperature"
+
+
+def test_vector_scaling_keeps_its_parameters_within_the_bounds():
+    """A class whose logit carries no information: unbounded, its scale runs towards 0 (and on a real two-epoch test
+    model L-BFGS ran every scale to inf, which made the transformed logits NaN); the fit keeps the scales within the
+    temperature bounds and the biases within ±BIAS_BOUND."""
+    from nnunet_mbls.calibration.vector import BIAS_BOUND, fit_vector_scaling
+    from nnunet_mbls.defaults import T_BOUNDS
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (4000,), generator=g)
+    logits = torch.randn(4000, 4, generator=g, dtype=torch.float64)
+    logits[torch.arange(4000), target] += 3.0 * (target != 3)
+    logits[:, 3] *= 10  # class 3's logit is loud noise whatever the label: the best scale for it is 0
+    scale, bias = fit_vector_scaling(logits, target)
+    assert torch.isfinite(scale).all() and torch.isfinite(bias).all() and bias.abs().max() <= BIAS_BOUND
+    assert scale.min() >= 1 / T_BOUNDS[1] - 1e-12 and scale.max() <= 1 / T_BOUNDS[0] + 1e-12
+    assert scale[3] == pytest.approx(1 / T_BOUNDS[1])  # at its bound: the unbounded fit goes below it

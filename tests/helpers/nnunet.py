@@ -51,6 +51,26 @@ class NnUNet:
         return self.run("nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", "cpu",
                         *extra, training=True, check=check)
 
+    def train_watching(self, dataset_id: int, configuration: str, trainer: str, fold: str, watch: Path,
+                       suffixes=(".npz", ".pkl")) -> tuple[subprocess.CompletedProcess, set, int]:
+        """:meth:`train` while polling the folder ``watch`` every 20 ms: (the finished process, every file name with
+        one of ``suffixes`` seen there during the run, the number of polls that found the folder)."""
+        import time
+
+        cmd = [str(BIN / "nnUNetv2_train"), str(dataset_id), configuration, fold, "-tr", trainer, "-device", "cpu"]
+        proc = subprocess.Popen(cmd, env=dict(self.env, nnUNet_n_proc_DA="0"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        seen, polls = set(), 0
+        while proc.poll() is None:
+            if watch.is_dir():
+                seen |= {p.name for p in watch.iterdir() if p.suffix in suffixes}
+                polls += 1
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-6000:]}")
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), seen, polls
+
     def fold_folder(self, dataset_folder: str, trainer: str, configuration: str, fold: int = 0) -> Path:
         return self.results / dataset_folder / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
 

@@ -35,7 +35,9 @@ def test_mbls_trainer_trains_validates_calibrates_and_predicts_3d(nnunet_3d, tmp
     nn, dataset = nnunet_3d
     fold = nn.fold_folder(dataset, "nnUNetTrainerMbLS_test", "3d_fullres")
     earlier_logs = set(fold.glob("training_log_*.txt"))  # the benchmark tests may have trained this fold already
-    nn.train(501, "3d_fullres", "nnUNetTrainerMbLS_test")
+    # validation/ is watched during the whole run: no .npz/.pkl appears there at any time (statistics are streamed)
+    _, seen, polls = nn.train_watching(501, "3d_fullres", "nnUNetTrainerMbLS_test", "0", fold / "validation")
+    assert polls > 10 and not seen, seen
     new_logs = sorted(set(fold.glob("training_log_*.txt")) - earlier_logs)
     assert len(new_logs) == 1
     log = new_logs[0].read_text()
@@ -46,6 +48,7 @@ def test_mbls_trainer_trains_validates_calibrates_and_predicts_3d(nnunet_3d, tmp
     # trained without --npz: no probability file; the calibration step read the statistics streamed out of the export
     assert not list((fold / "validation").glob("*.npz")) and not list((fold / "validation").glob("*.pkl"))
     assert sorted(p.name for p in (fold / "validation_statistics").iterdir()) == ["case_0000.npz", "case_0001.npz"]
+    assert all(p.stat().st_size < 5e6 for p in (fold / "validation_statistics").iterdir())
     assert (fold / "validation" / "summary.json").is_file()
     calibration = json.loads((fold / "calibration.json").read_text())
     assert 0.05 <= calibration["temperature"] <= 20
