@@ -18,19 +18,22 @@ export nnUNet_extTrainer="$nnUNet_extTrainer:$OUT/trainers"
 if [ ! -f "$OUT/prepared" ]; then
     mkdir -p "$OUT/trainers"
     cat > "$OUT/trainers/collect_bench_trainers.py" <<'EOF'
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_mbls.trainers.variants import nnUNetTrainerMbLS
 
 
 class nnUNetTrainerDemo_stock(nnUNetTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 5, 10, 5
 
 
 class nnUNetTrainerDemo_mbls(nnUNetTrainerMbLS):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 5, 10, 5
 EOF
     [ -d "$nnUNet_raw/Dataset990_MbLSSynthetic" ] || nnunet-mbls dataset synthetic -o "$nnUNet_raw" -n 40 --shape 96 96 --seed 0

@@ -58,6 +58,10 @@ def case_values(evaluation: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+#: the per-case entries of an evaluation that do not depend on the temperature
+SEGMENTATION_KEYS = ("dice", "hd95", "empty_reference", "empty_prediction")
+
+
 def load_cell(cell: Cell) -> dict | None:
     """The calibration outputs of one cell, or None when its calibration step has not run.
 
@@ -111,7 +115,12 @@ def shared_stages(done: list[tuple[Cell, dict]], vector: bool, device: str) -> d
     folders = [c.folder for c, _ in done]
     if len(folders) < 2 or any(not d["case_rows"] for _, d in done):
         return {}
-    fit, _ = fit_on_folds(folders, [None] * len(folders), METRIC_REGION, FIT_REGION, MAX_VOXELS, SEED, False)
+    segmentation = {}  # Dice and HD95 of each case, from its fold's evaluation (the shared T changes no argmax)
+    for folder in folders:
+        evaluation = json.loads((FoldFolder.at(folder).calibration_details / "evaluation_before.json").read_text())
+        segmentation.update({case: {k: m[k] for k in SEGMENTATION_KEYS} for case, m in evaluation["per_case"].items()})
+    fit, _ = fit_on_folds(folders, [None] * len(folders), METRIC_REGION, FIT_REGION, MAX_VOXELS, SEED, False,
+                          segmentation=segmentation)
     out = {"shared": {"cases": case_values(fit.after), "temperature": fit.temperature}}
     if vector:
         record = calibrate_vector(folders, device=device, fallback=False, write=False, progress=False, log=lambda *a: None)

@@ -152,7 +152,8 @@ class CaseStatistics:
         sums = {}
         for name, region in regions.items():
             arrays.update({f"{name}.{a}": getattr(region, a) for a in RegionSample.ARRAYS})
-            arrays.update({f"{name}.state_{i}": s for i, s in enumerate(region.states or [])})
+            if region.states is not None:  # one array (a file member costs a read each)
+                arrays[f"{name}.states"] = np.concatenate([np.asarray(s, np.float64).reshape(-1) for s in region.states])
             sums[name] = {"entropy_sum": region.entropy_sum, "n_voxels": region.n_voxels, "states": region.states is not None}
         arrays["header"] = np.array(repr({"version": STATISTICS_VERSION, "case": self.case, "settings": asdict(self.settings),
                                           "fit_seen": self.fit_seen, "fit_threshold": self.fit_threshold,
@@ -170,9 +171,11 @@ class CaseStatistics:
             with np.load(path, allow_pickle=False) as data:
                 header = read_header(data, path)
                 regions = {}
+                settings = StatisticsSettings(**header["settings"])
+                shapes = [tuple(t.shape) for t in
+                          CalibrationAccumulator(settings.num_classes, settings.n_bins).state_tensors()]
                 for name, sums in header["regions"].items():
-                    states = ([data[f"{name}.state_{i}"] for i in range(len(CalibrationAccumulator.STATE_NAMES))]
-                              if sums["states"] else None)
+                    states = _split(data[f"{name}.states"], shapes) if sums["states"] else None
                     regions[name] = RegionSample(states, sums["entropy_sum"], sums["n_voxels"],
                                                  *(data[f"{name}.{a}"] for a in RegionSample.ARRAYS))
                 fit = {k: data[k] for k in ("fit_keys", "fit_log_probs", "fit_target")}
@@ -182,8 +185,16 @@ class CaseStatistics:
             raise StatisticsError(f"cannot read the statistics file {path} ({type(e).__name__}: {e}); run the "
                                   f"validation again (nnunet-mbls calibrate)") from e
         qc = {name[len("qc."):]: r for name, r in regions.items() if name.startswith("qc.")}
-        return cls(header["case"], StatisticsSettings(**header["settings"]), regions["metric"], fit_seen=header["fit_seen"],
+        return cls(header["case"], settings, regions["metric"], fit_seen=header["fit_seen"],
                    fit_threshold=header["fit_threshold"], qc=qc, model_id=header["model_id"], **fit)
+
+
+def _split(flat: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """The arrays of ``shapes`` laid end to end in ``flat``."""
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    if flat.size != sum(sizes):
+        raise StatisticsError(f"metric sums of {flat.size} values, expected {sum(sizes)}")
+    return [part.reshape(shape) for part, shape in zip(np.split(flat, np.cumsum(sizes)[:-1]), shapes)]
 
 
 def read_header(data, path: str | Path) -> dict:

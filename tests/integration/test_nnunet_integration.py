@@ -35,7 +35,10 @@ def test_mbls_trainer_trains_validates_calibrates_and_predicts_3d(nnunet_3d, tmp
     nn, dataset = nnunet_3d
     fold = nn.fold_folder(dataset, "nnUNetTrainerMbLS_test", "3d_fullres")
     earlier_logs = set(fold.glob("training_log_*.txt"))  # the benchmark tests may have trained this fold already
-    # validation/ is watched during the whole run: no .npz/.pkl appears there at any time (statistics are streamed)
+    # validation/ is watched during the whole run: no .npz/.pkl appears there at any time (statistics are streamed);
+    # those another test's `--val --npz` of this fold left are removed first
+    for leftover in [*fold.glob("validation/*.npz"), *fold.glob("validation/*.pkl")]:
+        leftover.unlink()
     _, seen, polls = nn.train_watching(501, "3d_fullres", "nnUNetTrainerMbLS_test", "0", fold / "validation")
     assert polls > 10 and not seen, seen
     new_logs = sorted(set(fold.glob("training_log_*.txt")) - earlier_logs)

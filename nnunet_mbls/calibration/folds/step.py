@@ -112,9 +112,10 @@ def fit_temperature_on(gt: Path, prediction_folders: list[Path], dataset_json: d
 
 def fit_temperature_on_streamed(gt: Path, statistics_folders: list[Path], segmentation_folders: list[Path],
                                 cases: list[list[str]], dataset_json: dict, max_voxels: int, seed: int,
-                                progress: bool) -> tuple[TemperatureFit, dict]:
+                                progress: bool, segmentation: dict | None = None) -> tuple[TemperatureFit, dict]:
     """:func:`fit_temperature_on` from streamed statistics (one folder per fold, with its cases) and the segmentations
-    nnU-Net exported beside them, without probability files.
+    nnU-Net exported beside them, without probability files. ``segmentation``: case -> Dice/HD95 when known
+    already (a fold's earlier evaluation: T does not change the argmax), instead of computing them again.
 
     Returns:
         (the fit, what calibration.json records about the statistics: their source and whether the metrics
@@ -122,9 +123,10 @@ def fit_temperature_on_streamed(gt: Path, statistics_folders: list[Path], segmen
     """
     files = [f for folder, fold_cases in zip(statistics_folders, cases) for f in statistics_files(folder, fold_cases)]
     temperature, size = fit_temperature_on_statistics(files, max_voxels, seed)
-    segmentation = {}
-    for folder, fold_cases in zip(segmentation_folders, cases):
-        segmentation.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
+    if segmentation is None:
+        segmentation = {}
+        for folder, fold_cases in zip(segmentation_folders, cases):
+            segmentation.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
     before, _ = evaluate_statistics(files, segmentation, dataset_json, None, progress)
     after, exact = evaluate_statistics(files, segmentation, dataset_json, temperature, progress)
     record = {
@@ -173,7 +175,7 @@ NPZ_SOURCE = {"source": "nnU-Net's .npz probabilities in validation/", "metrics_
 
 def fit_on_folds(folders: list[Path], expected_cases: list[list[str] | None], region: str, fit_region: str,
                  max_voxels: int, seed: int, progress: bool, num_processes: int | None = None,
-                 model_id: str | None = None) -> tuple[TemperatureFit, dict]:
+                 model_id: str | None = None, segmentation: dict | None = None) -> tuple[TemperatureFit, dict]:
     """One T on the validation cases of ``folders`` (pooled), from their streamed statistics when every fold has
     them for all its cases (``expected_cases``: per fold, None = from splits_final.json), else from their ``.npz``.
 
@@ -197,7 +199,7 @@ def fit_on_folds(folders: list[Path], expected_cases: list[list[str] | None], re
     with statistics_of_folds(folds, streamed, expected_cases, dataset_json, region, fit_region, seed,
                              progress) as (statistics_folders, cases):
         return fit_temperature_on_streamed(gt, statistics_folders, [f.validation for f in folds], cases, dataset_json,
-                                           max_voxels, seed, progress)
+                                           max_voxels, seed, progress, segmentation)
 
 
 @contextmanager
