@@ -71,7 +71,9 @@ def validate_streaming(trainer) -> None:
     from ..calibration.folds.validation import statistics_export
     from ..trainers.base import nnUNetTrainerCalibrated
 
-    if isinstance(trainer, nnUNetTrainerCalibrated):  # streams and runs its calibration step itself
+    if isinstance(trainer, nnUNetTrainerCalibrated) or trainer.label_manager.has_regions:
+        # ours stream and run their calibration step themselves; region-based labels have no statistics (the
+        # calibration step refuses them with its message), so their validation stays nnU-Net's own
         trainer.perform_actual_validation(save_probabilities=False)
         return
     with streaming_validation_export(statistics_export(trainer)):

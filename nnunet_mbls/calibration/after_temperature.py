@@ -95,6 +95,8 @@ def _entropy(probs: torch.Tensor) -> float:
 def mean_entropy_after(region: RegionSample, temperature: float) -> float:
     """A region's mean predictive entropy (nats) after ``normalize(p ** (1/T))`` (NaN for an empty region): exact
     or estimated as the metrics are."""
+    if region.entropy_sum is None:
+        raise ValueError("this region's entropy was not kept (see nnunet_mbls.calibration.case_statistics.QC_REGIONS)")
     if region.n_voxels == 0:
         return float("nan")
     if is_exact(region):

@@ -40,12 +40,13 @@ from nnunet_mbls.errors import InputError
 
 #: format of the statistics files; a file of another version is refused with the command that rewrites it
 STATISTICS_VERSION = 1
-#: the regions of the per-case scores, when the segmentation is given: name -> (what, whether the metric sums are kept)
+#: the regions of the per-case scores, when the segmentation is given: name -> (what, whether the metric sums are
+#: kept, whether the entropy sum is kept)
 QC_REGIONS = {
-    "predicted_fg": ("voxels the segmentation labels foreground (mean entropy)", False),
+    "predicted_fg": ("voxels the segmentation labels foreground (mean entropy)", False, True),
     "predicted_boundary": ("band of boundary_width voxels around the segmentation's label boundaries (mean entropy)",
-                           False),
-    "reference_boundary": ("band around the reference's label boundaries, ignore label excluded (ECE)", True),
+                           False, True),
+    "reference_boundary": ("band around the reference's label boundaries, ignore label excluded (ECE)", True, False),
 }
 
 
@@ -94,12 +95,13 @@ class RegionSample:
     """One region of a case: its sums as trained (exact) and a stratified sample for the values after T.
 
     ``states``: a :class:`CalibrationAccumulator`'s states over the region (None where not kept);
-    ``entropy_sum``/``n_voxels``: the predictive entropy (nats) summed over the region; ``log_probs`` (n, C),
+    ``entropy_sum``/``n_voxels``: the predictive entropy (nats) summed over the region (None where not kept) and
+    the region's voxel count; ``log_probs`` (n, C),
     ``target`` (n,), ``stratum`` (n,): the sample; ``strata_sizes`` (S,): every stratum's voxel count.
     """
 
     states: list[np.ndarray] | None
-    entropy_sum: float
+    entropy_sum: float | None
     n_voxels: int
     log_probs: np.ndarray
     target: np.ndarray
@@ -270,7 +272,8 @@ def _case_statistics(case: str, logits: Tensor, ref: np.ndarray, properties: Map
 
     rng = np.random.default_rng(case_seed(settings.seed + 1, case))
     metric_voxels = voxels_of(mask_of(settings.region))
-    metric = region_sample(metric_voxels, settings, settings.sample_capacity(settings.metric_sample_bytes), rng, True)
+    metric = region_sample(metric_voxels, settings, settings.sample_capacity(settings.metric_sample_bytes), rng, True,
+                           False)
     qc = {}
     if segmentation is not None:
         masks = {"predicted_fg": segmentation != 0,
@@ -278,7 +281,7 @@ def _case_statistics(case: str, logits: Tensor, ref: np.ndarray, properties: Map
                  "reference_boundary": band_near_foreground(ref, settings.ignore_label, settings.boundary_width)}
         for name, mask in masks.items():
             qc[name] = region_sample(voxels_of(mask), settings, settings.sample_capacity(settings.qc_sample_bytes), rng,
-                                     QC_REGIONS[name][1])
+                                     *QC_REGIONS[name][1:])
     fit_voxels = metric_voxels if settings.fit_region == settings.region else voxels_of(mask_of(settings.fit_region))
     fit_keys, fit_positions = smallest_keys(fit_voxels.n, settings.fit_capacity, case_seed(settings.seed, case))
     by_position = np.argsort(fit_positions)
@@ -305,16 +308,18 @@ def band_near_foreground(labels: np.ndarray, ignore_label: int | None, width: in
 
 
 def region_sample(voxels: RegionVoxels, settings: StatisticsSettings, capacity: int, rng: np.random.Generator,
-                  keep_states: bool) -> RegionSample:
-    """The sums of a region as trained (accumulator states if ``keep_states``, entropy) and its stratified sample."""
+                  keep_states: bool, keep_entropy: bool) -> RegionSample:
+    """The sums of a region as trained (accumulator states if ``keep_states``, the entropy sum if ``keep_entropy``,
+    else None) and its stratified sample."""
     accumulator = CalibrationAccumulator(settings.num_classes, settings.n_bins) if keep_states else None
     strata = np.empty(voxels.n, dtype=np.int16)
-    entropy_sum, start = 0.0, 0
+    entropy_sum, start = (0.0 if keep_entropy else None), 0
     for logits, target in voxels.chunks():
         probs = torch.softmax(logits, dim=0)
         if accumulator is not None:
             accumulator.update(probs, target)
-        entropy_sum -= float(torch.special.xlogy(probs, probs).sum(dtype=torch.float64))
+        if keep_entropy:
+            entropy_sum -= float(torch.special.xlogy(probs, probs).sum(dtype=torch.float64))
         strata[start : start + target.numel()] = stratum_of(probs, target, settings.n_bins).numpy()
         start += target.numel()
     positions = stratified_positions(strata, settings.n_bins, capacity, rng)

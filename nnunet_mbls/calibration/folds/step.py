@@ -121,12 +121,10 @@ def fit_temperature_on_streamed(gt: Path, statistics_folders: list[Path], segmen
         (the fit, what calibration.json records about the statistics: their source and whether the metrics
         after T are exact or estimated).
     """
-    files = [f for folder, fold_cases in zip(statistics_folders, cases) for f in statistics_files(folder, fold_cases)]
+    files = _statistics_files(statistics_folders, cases)
     temperature, size = fit_temperature_on_statistics(files, max_voxels, seed)
     if segmentation is None:
-        segmentation = {}
-        for folder, fold_cases in zip(segmentation_folders, cases):
-            segmentation.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
+        segmentation = _segmentation_metrics(gt, segmentation_folders, cases, dataset_json, progress)
     before, _ = evaluate_statistics(files, segmentation, dataset_json, None, progress)
     after, exact = evaluate_statistics(files, segmentation, dataset_json, temperature, progress)
     record = {
@@ -141,11 +139,22 @@ def evaluate_streamed(gt: Path, statistics_folders: list[Path], segmentation_fol
                       dataset_json: dict, progress: bool, temperature: float | None = None) -> tuple[dict, bool]:
     """:func:`~nnunet_mbls.calibration.evaluation.evaluate_folder`'s summary from streamed statistics (one folder per
     fold, with its cases) and the segmentations nnU-Net exported beside them; (summary, exact after T)."""
-    files = [f for folder, fold_cases in zip(statistics_folders, cases) for f in statistics_files(folder, fold_cases)]
-    segmentation = {}
+    segmentation = _segmentation_metrics(gt, segmentation_folders, cases, dataset_json, progress)
+    return evaluate_statistics(_statistics_files(statistics_folders, cases), segmentation, dataset_json, temperature,
+                               progress)
+
+
+def _statistics_files(statistics_folders: list[Path], cases: list[list[str]]) -> list[Path]:
+    return [f for folder, fold_cases in zip(statistics_folders, cases) for f in statistics_files(folder, fold_cases)]
+
+
+def _segmentation_metrics(gt: Path, segmentation_folders: list[Path], cases: list[list[str]], dataset_json: dict,
+                          progress: bool) -> dict:
+    """Case -> Dice/HD95 of the segmentations of every fold (one folder per fold, with its cases)."""
+    result = {}
     for folder, fold_cases in zip(segmentation_folders, cases):
-        segmentation.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
-    return evaluate_statistics(files, segmentation, dataset_json, temperature, progress)
+        result.update(segmentation_metrics_of_cases(gt, folder, fold_cases, dataset_json, progress))
+    return result
 
 
 def streamed_cases(folder: Path, expected_cases: list[str] | None, region: str, fit_region: str,

@@ -12,7 +12,7 @@ from ...defaults import FIT_REGION, METRIC_REGION, SEED
 from ...layout import FoldFolder
 from ..case_statistics import StatisticsSettings
 from ..evaluation.export import StatisticsExport, streaming_validation_export, weights_id
-from .step import gt_folder_for
+from .step import CalibrationStepError, gt_folder_for
 
 
 def statistics_export(trainer, region: str = METRIC_REGION, fit_region: str = FIT_REGION,
@@ -20,6 +20,11 @@ def statistics_export(trainer, region: str = METRIC_REGION, fit_region: str = FI
     """What the validation export of an nnU-Net trainer instance streams, and where (its fold's
     ``validation_statistics/``), with the weights it holds now."""
     fold = FoldFolder.at(trainer.output_folder)
+    if trainer.label_manager.has_regions:
+        raise CalibrationStepError(
+            f"{fold.path}: the dataset declares region-based labels (sigmoid outputs per region); the calibration "
+            f"statistics need mutually exclusive integer labels (softmax outputs). Calibrate a model trained on integer "
+            f"labels, or use nnU-Net's own outputs for this one")
     settings = StatisticsSettings(num_classes=trainer.label_manager.num_segmentation_heads,
                                   ignore_label=trainer.label_manager.ignore_label, region=region,
                                   fit_region=fit_region, seed=seed)
