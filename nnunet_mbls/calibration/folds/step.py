@@ -31,7 +31,7 @@ import torch
 from ... import __version__
 from ...defaults import FIT_REGION, FIT_REGIONS, MAX_VOXELS, METRIC_REGION, SEED, T_BOUNDS
 from ...errors import NnunetMblsError
-from ..after_temperature import ESTIMATOR
+from ..after_temperature import ESTIMATOR, MEASURED_ERROR
 from ..evaluation import case_workers, evaluate_folder
 from ..case_statistics import StatisticsSettings
 from ..evaluation import LabelInfo, resolve_transpose_forward
@@ -131,6 +131,7 @@ def fit_temperature_on_streamed(gt: Path, statistics_folders: list[Path], segmen
         "source": "statistics streamed out of nnU-Net's validation export (validation_statistics/), no probability file",
         "metrics_after_temperature": "exact" if exact else "estimated",
         "after_temperature_method": ESTIMATOR,
+        **({} if exact else {"after_temperature_measured_error": MEASURED_ERROR}),
     }
     return TemperatureFit(temperature, size, before, after), record
 
