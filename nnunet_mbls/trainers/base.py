@@ -3,8 +3,9 @@
 A trainer subclass only names its loss (``loss_name``, a key of :data:`nnunet_mbls.losses.LOSSES`)
 and its hyper-parameters (``loss_kwargs``). This base builds the loss with nnU-Net's ignore label
 and deep-supervision weights, refuses region-based datasets, logs the loss, monitors the
-foreground ECE of the validation batches every epoch, and runs the calibration step (temperature
-scaling folded into ``checkpoint_final_calibrated.pth``) after nnU-Net's final validation.
+foreground ECE of the validation batches every epoch, streams each validation case's calibration statistics
+out of nnU-Net's final validation export (no probability file unless ``--npz``), and then runs the calibration
+step on them (temperature scaling folded into ``checkpoint_final_calibrated.pth``).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def test_mbls_trainer_trains_validates_calibrates_and_predicts_3d(nnunet_3d, tmp
     assert len(list((fold / "validation").glob("*.nii.gz"))) == 2
     # trained without --npz: no probability file; the calibration step read the statistics streamed out of the export
     assert not list((fold / "validation").glob("*.npz")) and not list((fold / "validation").glob("*.pkl"))
-    assert sorted(p.name for p in (fold / "validation_statistics").iterdir()) == ["case_0000.npz", "case_0001.npz"]
+    validated = sorted(p.name[: -len(".nii.gz")] for p in (fold / "validation").glob("*.nii.gz"))
+    assert sorted(p.name for p in (fold / "validation_statistics").iterdir()) == [f"{c}.npz" for c in validated]
     assert all(p.stat().st_size < 5e6 for p in (fold / "validation_statistics").iterdir())
     assert (fold / "validation" / "summary.json").is_file()
     calibration = json.loads((fold / "calibration.json").read_text())
