@@ -3,8 +3,10 @@ are fitted on, folding a map into a checkpoint, reliability diagrams, and applyi
 
 Three layers, each importing only those below it:
 
-- this level: pure torch/numpy/scipy maths on arrays (nothing imports nnU-Net);
-- :mod:`nnunet_mbls.calibration.evaluation`: the metrics of folders of nnU-Net probability files (``evaluate``);
+- this level: pure torch/numpy/scipy maths on arrays (nothing imports nnU-Net), including a case's streamed
+  statistics (:mod:`.case_statistics`, :mod:`.region_voxels`) and their values after T (:mod:`.after_temperature`);
+- :mod:`nnunet_mbls.calibration.evaluation`: the metrics of folders of nnU-Net probability files (``evaluate``) or
+  of streamed statistics, and nnU-Net's validation export with the statistics streamed out of it;
 - :mod:`nnunet_mbls.calibration.folds`: the work on trained folds (the calibration step, ensembles, vector
   scaling runs, whether a fold is calibrated), as nnU-Net's ``run/`` beside ``training/``.
 """
