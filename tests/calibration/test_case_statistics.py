@@ -184,3 +184,21 @@ def test_logits_that_do_not_fit_the_reference_are_refused():
     logits, ref, properties = make_case(5)
     with pytest.raises(InputError, match="case_5: logits"):
         case_statistics("case_5", logits[:, :-1], ref, properties, TRANSPOSE, StatisticsSettings(C))
+
+
+def test_a_statistics_file_of_another_version_or_truncated_is_refused_with_the_fix(tmp_path):
+    from nnunet_mbls.calibration.case_statistics import StatisticsError
+    from nnunet_mbls.calibration.evaluation.statistics import read_headers
+
+    logits, ref, properties = make_case(7)
+    path = case_statistics("case_7", logits, ref, properties, TRANSPOSE, StatisticsSettings(C)).save(tmp_path / "case_7.npz")
+    with np.load(path) as data:
+        arrays = dict(data)
+    arrays["header"] = np.array(str(arrays["header"]).replace("'version': 1", "'version': 99"))
+    np.savez(tmp_path / "old.npz", **arrays)
+    for reader in (CaseStatistics.load, lambda p: read_headers([p])):
+        with pytest.raises(StatisticsError, match="statistics format 99.*nnunet-mbls calibrate"):
+            reader(tmp_path / "old.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(StatisticsError, match="cannot read the statistics file .*cut.npz.*nnunet-mbls calibrate"):
+        CaseStatistics.load(tmp_path / "cut.npz")

@@ -8,7 +8,6 @@ exported (the argmax of those probabilities), and the metrics after T are exact 
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..after_temperature import accumulator_after, is_exact
-from ..case_statistics import CaseStatistics, StatisticsError, StatisticsSettings, case_statistics, pooled_fit_threshold
+from ..case_statistics import (CaseStatistics, StatisticsError, StatisticsSettings, case_statistics,
+                               pooled_fit_threshold, read_header)
 from ..metrics import CalibrationAccumulator
 from ..subsample import VoxelSubsampler
 from ..temperature import fit_temperature
@@ -41,12 +41,18 @@ def statistics_files(folder: Path, cases: Sequence[str]) -> list[Path]:
 
 
 def read_headers(files: Sequence[Path]) -> list[dict]:
-    """The header of each statistics file (settings, fit threshold, model id) without reading its arrays."""
+    """The header of each statistics file (settings, fit threshold, model id) without reading its arrays.
+
+    Raises:
+        StatisticsError: a file is unreadable or of another format version, or the files' settings differ.
+    """
     headers = []
     for f in files:
         try:
             with np.load(f, allow_pickle=False) as data:
-                headers.append(ast.literal_eval(str(data["header"])))
+                headers.append(read_header(data, f))
+        except StatisticsError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise StatisticsError(f"cannot read the statistics file {f} ({type(e).__name__}: {e}); run the "
                                   f"validation again (nnunet-mbls calibrate)") from e
