@@ -89,6 +89,27 @@ def test_cece_nll_brier_reliability_match_naive_loops():
     assert np.isnan(rel["confidence"][0])  # no 3-class max-probability can be <= 1/15
 
 
+@pytest.mark.parametrize("num_classes", [3, 40])  # 40: class-wise bins filled sparsely (SPARSE_CLASSWISE_FROM)
+def test_classwise_states_match_naive_loops_for_few_and_many_classes(num_classes):
+    from nnunet_mbls.calibration.metrics import SPARSE_CLASSWISE_FROM
+
+    assert 3 < SPARSE_CLASSWISE_FROM <= 40
+    probs, target = random_case(num_classes, (60, 50), seed=5)
+    ref = naive_reference(probs.reshape(num_classes, -1).T.double().numpy(), target.reshape(-1).numpy())
+    acc = CalibrationAccumulator(num_classes)
+    acc.update(probs, target)
+    for k in ("ece", "cece", "nll", "brier"):
+        assert acc.compute()[k] == pytest.approx(ref[k], rel=1e-6), k
+    # per class and bin, counts exactly as numpy bins them (upper-inclusive edges)
+    p, y = probs.reshape(num_classes, -1).double().numpy(), target.reshape(-1).numpy()
+    bins = np.clip(np.ceil(p * N_BINS) - 1, 0, N_BINS - 1).astype(int)
+    counts = np.stack([np.bincount(bins[k], minlength=N_BINS) for k in range(num_classes)])
+    freqs = np.stack([np.bincount(bins[k], weights=(y == k), minlength=N_BINS) for k in range(num_classes)])
+    states = dict(zip(CalibrationAccumulator.STATE_NAMES, acc.state_tensors()))
+    np.testing.assert_array_equal(states["cls_count"].numpy(), counts)
+    np.testing.assert_array_equal(states["cls_freq"].numpy(), freqs)
+
+
 def test_classwise_ece_averages_over_all_classes_even_absent_ones():
     probs, target = random_case(3, (30, 30), seed=17)
     target[target == 2] = 0  # class 2 never occurs, but its probabilities still count
