@@ -270,19 +270,22 @@ def _case_statistics(case: str, logits: Tensor, ref: np.ndarray, properties: Map
     def mask_of(region: str) -> np.ndarray:
         return region_mask(ref, region, settings.ignore_label, box_original, settings.boundary_width)
 
-    rng = np.random.default_rng(case_seed(settings.seed + 1, case))
-    metric_voxels = voxels_of(mask_of(settings.region))
-    metric = region_sample(metric_voxels, settings, settings.sample_capacity(settings.metric_sample_bytes), rng, True,
-                           False)
-    qc = {}
+    masks = {"metric": mask_of(settings.region)}
     if segmentation is not None:
-        masks = {"predicted_fg": segmentation != 0,
-                 "predicted_boundary": band_near_foreground(segmentation, None, settings.boundary_width),
-                 "reference_boundary": band_near_foreground(ref, settings.ignore_label, settings.boundary_width)}
-        for name, mask in masks.items():
-            qc[name] = region_sample(voxels_of(mask), settings, settings.sample_capacity(settings.qc_sample_bytes), rng,
-                                     *QC_REGIONS[name][1:])
-    fit_voxels = metric_voxels if settings.fit_region == settings.region else voxels_of(mask_of(settings.fit_region))
+        masks.update(predicted_fg=segmentation != 0,
+                     predicted_boundary=band_near_foreground(segmentation, None, settings.boundary_width),
+                     reference_boundary=band_near_foreground(ref, settings.ignore_label, settings.boundary_width))
+    # one pass over the union of the regions (they overlap): one softmax per voxel
+    union = voxels_of(np.logical_or.reduce(list(masks.values())) if len(masks) > 1 else masks["metric"])
+    specs = {"metric": (settings.sample_capacity(settings.metric_sample_bytes), True, False)}
+    specs.update({name: (settings.sample_capacity(settings.qc_sample_bytes), *QC_REGIONS[name][1:])
+                  for name in masks if name != "metric"})
+    samples = region_samples(union, {name: union.membership(m.transpose(order)) for name, m in masks.items()}, specs,
+                             settings, np.random.default_rng(case_seed(settings.seed + 1, case)))
+    metric, qc = samples.pop("metric"), samples
+    metric_voxels = union if len(masks) == 1 else None
+    fit_voxels = metric_voxels if settings.fit_region == settings.region and metric_voxels is not None else \
+        voxels_of(mask_of(settings.fit_region))
     fit_keys, fit_positions = smallest_keys(fit_voxels.n, settings.fit_capacity, case_seed(settings.seed, case))
     by_position = np.argsort(fit_positions)
     fit_logits, fit_target = fit_voxels.gather(fit_positions[by_position])
@@ -307,25 +310,51 @@ def band_near_foreground(labels: np.ndarray, ignore_label: int | None, width: in
     return mask
 
 
-def region_sample(voxels: RegionVoxels, settings: StatisticsSettings, capacity: int, rng: np.random.Generator,
-                  keep_states: bool, keep_entropy: bool) -> RegionSample:
-    """The sums of a region as trained (accumulator states if ``keep_states``, the entropy sum if ``keep_entropy``,
-    else None) and its stratified sample."""
-    accumulator = CalibrationAccumulator(settings.num_classes, settings.n_bins) if keep_states else None
+def region_samples(voxels: RegionVoxels, members: dict[str, np.ndarray], specs: dict[str, tuple[int, bool, bool]],
+                   settings: StatisticsSettings, rng: np.random.Generator) -> dict[str, RegionSample]:
+    """The :class:`RegionSample` of every region, in one pass over the voxels of their union.
+
+    Args:
+        voxels: the union of the regions.
+        members: region -> (n,) bool, which voxels of the union belong to it (:meth:`RegionVoxels.membership`).
+        specs: region -> (sample capacity, keep the accumulator states, keep the entropy sum).
+        settings: the bins.
+        rng: draws the stratified samples, region after region in ``members``' order.
+    """
+    accumulators = {name: CalibrationAccumulator(settings.num_classes, settings.n_bins) if states else None
+                    for name, (_, states, _) in specs.items()}
+    entropy = {name: 0.0 if keep else None for name, (_, _, keep) in specs.items()}
     strata = np.empty(voxels.n, dtype=np.int16)
-    entropy_sum, start = (0.0 if keep_entropy else None), 0
+    start = 0
     for logits, target in voxels.chunks():
+        part = slice(start, start + target.numel())
         probs = torch.softmax(logits, dim=0)
-        if accumulator is not None:
-            accumulator.update(probs, target)
-        if keep_entropy:
-            entropy_sum -= float(torch.special.xlogy(probs, probs).sum(dtype=torch.float64))
-        strata[start : start + target.numel()] = stratum_of(probs, target, settings.n_bins).numpy()
-        start += target.numel()
-    positions = stratified_positions(strata, settings.n_bins, capacity, rng)
-    sample_logits, sample_target = voxels.gather(positions)
-    return RegionSample(
-        [s.numpy() for s in accumulator.state_tensors()] if accumulator is not None else None, entropy_sum, voxels.n,
-        torch.log_softmax(sample_logits, 0).T.contiguous().numpy(), sample_target.astype(np.int16), strata[positions],
-        np.bincount(strata, minlength=settings.num_strata).astype(np.int64),
-    )
+        strata[part] = stratum_of(probs, target, settings.n_bins).numpy()
+        voxel_entropy = None
+        for name, member in members.items():
+            inside = member[part]
+            everything = bool(inside.all())
+            if not everything and not inside.any():
+                continue
+            index = None if everything else torch.from_numpy(inside)
+            if accumulators[name] is not None:
+                accumulators[name].update(probs if everything else probs[:, index], target if everything else target[index])
+            if entropy[name] is not None:
+                if voxel_entropy is None:
+                    voxel_entropy = -torch.special.xlogy(probs, probs).sum(dim=0, dtype=torch.float64)
+                entropy[name] += float(voxel_entropy.sum() if everything else voxel_entropy[index].sum())
+        start = part.stop
+    samples = {}
+    for name, member in members.items():
+        where = np.flatnonzero(member)
+        region_strata = strata[where]
+        positions = where[stratified_positions(region_strata, settings.n_bins, specs[name][0], rng)]
+        sample_logits, sample_target = voxels.gather(positions)
+        accumulator = accumulators[name]
+        samples[name] = RegionSample(
+            [s.numpy() for s in accumulator.state_tensors()] if accumulator is not None else None, entropy[name],
+            int(where.size), torch.log_softmax(sample_logits, 0).T.contiguous().numpy(),
+            sample_target.astype(np.int16), strata[positions],
+            np.bincount(region_strata, minlength=settings.num_strata).astype(np.int64),
+        )
+    return samples

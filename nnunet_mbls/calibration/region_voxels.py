@@ -38,15 +38,22 @@ class RegionVoxels:
         self.ref_in = ref_t[inside]
         self.full = bool(self.mask_in.all())  # every voxel of the box (region "all" without ignore label): no indexing
         self.n_in = self.mask_in.size if self.full else int(np.count_nonzero(self.mask_in))
+        self.inside = inside
         whole_image = all(s.start == 0 and s.stop == n for s, n in zip(inside, mask_t.shape))
+        self.outside: np.ndarray | None = None  # the region's voxels outside the box, where there are any
         if whole_image or int(np.count_nonzero(mask_t)) == self.n_in:
             self.target_out = np.empty(0, np.int64)
         else:
-            outside = mask_t.copy()
-            outside[inside] = False
-            self.target_out = ref_t[outside].astype(np.int64)
+            self.outside = mask_t.copy()
+            self.outside[inside] = False
+            self.target_out = ref_t[self.outside].astype(np.int64)
         self.n = self.n_in + self.target_out.size
         self._flat_in: np.ndarray | None = None
+
+    def membership(self, mask_t: np.ndarray) -> np.ndarray:
+        """(n,) bool, in the voxel order: which of these voxels ``mask_t`` (a sub-region, transposed frame) holds."""
+        inside = mask_t[self.inside].reshape(-1) if self.full else mask_t[self.inside][self.mask_in]
+        return inside if self.outside is None else np.concatenate([inside, mask_t[self.outside]])
 
     def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(logits (C, n) float32, labels (n,) int64) chunk by chunk, in the voxel order."""
