@@ -34,6 +34,7 @@ from torch import Tensor
 from nnunet_mbls.calibration._inputs import check_positive_int, flatten_case, iter_chunks
 from nnunet_mbls.calibration.aggregate import METRIC_KEYS, aggregate  # noqa: F401  (importable from here as before)
 from nnunet_mbls.calibration.bins import _float_bin_index, bin_index  # noqa: F401  (importable from here as before)
+from nnunet_mbls.calibration.bins import SPARSE_CLASSWISE_FROM, classwise_bins  # noqa: F401
 NLL_FLOOR = 1e-12  #: p_target is clamped to at least this before the log
 
 #: Equal-width fine confidence bins behind ``ece_adaptive`` (rounded up to a multiple of n_bins, so that
@@ -45,11 +46,6 @@ ADAPTIVE_TAIL_PER_OCTAVE = 32
 #: ... down to 1 - confidence = 2**-24 (float32's resolution just below 1); smaller gaps share the last bin with p = 1.
 ADAPTIVE_TAIL_END = 24
 
-
-#: From this many classes on, class-wise bins are filled sparsely (only entries above the first bin are binned one
-#: by one; see ``CalibrationAccumulator._add_classwise``): 1.75x faster at 117 classes, slower at 4, equal at 16
-#: (one update of 8 M class entries, one thread)
-SPARSE_CLASSWISE_FROM = 32
 
 #: Elements (classes x voxels) per update chunk: the (C, n) temporaries (up to 8 MiB) are reused by the
 #: allocator; much larger chunks are slower (fresh pages), much smaller ones pay per-call overhead.
@@ -154,7 +150,7 @@ class CalibrationAccumulator:
         so counts and hits come out of the same pass: fine top-label bins with hit = (prediction == target),
         class bins (offset by 2 * n_bins per class) with hit = (target == class).
         """
-        c, nb = self.num_classes, self.n_bins
+        nb = self.n_bins
         f64 = torch.float64
         conf = p.amax(dim=0)
         p_target = p.gather(0, t[None])  # (1, n)
@@ -167,39 +163,14 @@ class CalibrationAccumulator:
         s["fine_count"] += top_counts.sum(dim=1)
         s["fine_acc"] += top_counts[:, 1]
         s["fine_conf"] += torch.bincount(top, weights=conf.to(f64), minlength=2 * nf).view(nf, 2).sum(dim=1)
-        if c >= SPARSE_CLASSWISE_FROM:
-            self._add_classwise_sparse(s, p, t)
-        else:
-            classes = torch.arange(c, device=p.device, dtype=p.dtype)[:, None]
-            cls = _float_bin_index(p, nb).mul_(2).add_(t[None] == classes).add_(classes * 2 * nb).long().reshape(-1)
-            cls_counts = torch.bincount(cls, minlength=2 * c * nb).view(c, nb, 2).to(f64)
-            s["cls_count"] += cls_counts.sum(dim=2)
-            s["cls_freq"] += cls_counts[:, :, 1]
-            s["cls_prob"] += torch.bincount(cls, weights=p.reshape(-1).to(f64), minlength=2 * c * nb).view(c, nb, 2).sum(2)
+        count, freq, prob = classwise_bins(p, t, nb)
+        s["cls_count"] += count
+        s["cls_freq"] += freq
+        s["cls_prob"] += prob
         s["nll_sum"] -= torch.log(p_target.clamp(min=NLL_FLOOR)).sum(dtype=f64)
         # sum_k (p_k - onehot_k)^2 = sum_k p_k^2 - 2 p_target + 1 per voxel
         s["brier_sum"] += (p * p).sum(dtype=f64) - 2 * p_target.sum(dtype=f64) + t.numel()
         s["n_voxels"] += t.numel()
-
-    def _add_classwise_sparse(self, s: dict[str, Tensor], p: Tensor, t: Tensor) -> None:
-        """Class-wise bins of p (C, n): only the entries above the first bin (p * n_bins > 1, the same product the
-        bin index is computed from) are binned one by one; at most n_bins - 1 classes per voxel can be there, and
-        usually one, so with many classes this costs a comparison per entry instead of a bin index and a histogram
-        entry. Bin 0 of each class is its total (voxels, sum of p_k, voxels labelled k) minus the other bins."""
-        c, nb = self.num_classes, self.n_bins
-        f64 = torch.float64
-        k, v = torch.nonzero(p * nb > 1, as_tuple=True)
-        pk = p[k, v]
-        index = _float_bin_index(pk, nb).long().add_(k * nb).mul_(2).add_(t[v] == k)
-        counts = torch.bincount(index, minlength=2 * c * nb).view(c, nb, 2).to(f64)
-        probs = torch.bincount(index, weights=pk.to(f64), minlength=2 * c * nb).view(c, nb, 2).sum(2)
-        count, freq = counts.sum(dim=2), counts[:, :, 1]
-        count[:, 0] = t.numel() - count[:, 1:].sum(dim=1)
-        freq[:, 0] = torch.bincount(t, minlength=c).to(f64) - freq[:, 1:].sum(dim=1)
-        probs[:, 0] = p.sum(dim=1, dtype=f64) - probs[:, 1:].sum(dim=1)
-        s["cls_count"] += count
-        s["cls_freq"] += freq
-        s["cls_prob"] += probs
 
     def _fine_index(self, conf: Tensor) -> Tensor:
         """Fine bin of each confidence (n,) as a new float tensor of conf's dtype (see the class docstring).

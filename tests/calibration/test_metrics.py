@@ -91,7 +91,7 @@ def test_cece_nll_brier_reliability_match_naive_loops():
 
 @pytest.mark.parametrize("num_classes", [3, 40])  # 40: class-wise bins filled sparsely (SPARSE_CLASSWISE_FROM)
 def test_classwise_states_match_naive_loops_for_few_and_many_classes(num_classes):
-    from nnunet_mbls.calibration.metrics import SPARSE_CLASSWISE_FROM
+    from nnunet_mbls.calibration.bins import SPARSE_CLASSWISE_FROM
 
     assert 3 < SPARSE_CLASSWISE_FROM <= 40
     probs, target = random_case(num_classes, (60, 50), seed=5)

@@ -116,23 +116,31 @@ def export_with_statistics(job: StatisticsExport, predicted_logits, properties: 
         torch.set_num_threads(threads)
 
 
-@contextmanager
-def streaming_validation_export(job: StatisticsExport) -> Iterator[None]:
-    """Inside this block nnU-Net's ``perform_actual_validation`` exports through :func:`export_with_statistics`.
+#: the nnU-Net modules whose export calls :func:`streaming_validation_export` redirects: the trainer's final
+#: validation, and the predictor's ``predict_from_files_sequential``
+TRAINER_MODULE = "nnunetv2.training.nnUNetTrainer.nnUNetTrainer"
+PREDICTOR_MODULE = "nnunetv2.inference.predict_from_raw_data"
 
-    nnU-Net looks the export function up by its module-global name when it queues each case, so the name is
+
+@contextmanager
+def streaming_validation_export(job: StatisticsExport, module: str = TRAINER_MODULE) -> Iterator[None]:
+    """Inside this block nnU-Net's ``perform_actual_validation`` (or, with ``module=PREDICTOR_MODULE``, the
+    predictor's sequential prediction) exports through :func:`export_with_statistics`.
+
+    nnU-Net looks the export function up by its module-global name when it exports each case, so the name is
     pointed at ``functools.partial(export_with_statistics, job)`` here and restored on exit (nothing of nnU-Net is
     changed outside the block, and nothing on disk).
     """
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+    import importlib
 
+    exporting = importlib.import_module(module)
     Path(job.output_folder).mkdir(parents=True, exist_ok=True)
-    original = trainer_module.export_prediction_from_logits
-    trainer_module.export_prediction_from_logits = functools.partial(export_with_statistics, job)
+    original = exporting.export_prediction_from_logits
+    exporting.export_prediction_from_logits = functools.partial(export_with_statistics, job)
     try:
         yield
     finally:
-        trainer_module.export_prediction_from_logits = original
+        exporting.export_prediction_from_logits = original
 
 
 def read_statistics(folder: Path, cases: list[str]) -> Iterator[CaseStatistics]:

@@ -24,7 +24,10 @@ from ...layout import CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL, ENSEMBLE_DETAILS,
 from ...layout import trainer_folder as model_folder_of
 from ...locks import fold_locks
 from .records import TemperatureFit, fit_record, log_fit, write_fit_details
-from .step import (CalibrationStepError, calibrate_output_folder, fit_on_folds, fit_temperature_on, plans_of,
+from ..case_statistics import StatisticsSettings
+from ..evaluation import LabelInfo
+from ..evaluation.export import PREDICTOR_MODULE, StatisticsExport, streaming_validation_export
+from .step import (CalibrationStepError, calibrate_output_folder, fit_on_folds, fit_temperature_on_streamed,
                    write_calibrated_checkpoint)
 
 
@@ -118,9 +121,10 @@ def calibrate_on_calibration_set(
     """One temperature for the ensemble of ``folds``, fitted on its actual output on a labelled held-out set.
 
     nnU-Net's own predictor (the listed folds' ``checkpoint_final.pth``, mirroring TTA unless ``disable_tta``,
-    ``step_size``: the ensemble as deployed) predicts ``images`` with probabilities into a temporary folder
-    inside the trainer folder (deleted afterwards; peak disk: one float32 .npz per case, compressed); T is
-    fitted on their voxels against ``labels`` and folded into every listed fold like an ensemble T.
+    ``step_size``: the ensemble as deployed) predicts ``images``, each case's statistics streamed out of its export
+    against ``labels`` (no probability file; the segmentations and statistics go to a temporary folder inside the
+    trainer folder, deleted afterwards); T is fitted on them and folded into every listed fold like an ensemble T.
+    ``num_processes`` is unused (kept for the command's signature: the statistics need no worker pool).
     """
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -137,19 +141,41 @@ def calibrate_on_calibration_set(
         if not fold.checkpoint_final.is_file():
             raise CalibrationStepError(f"{fold.checkpoint_final} does not exist: train first with {fold.train_command()}")
     dataset_json = json.loads((model_folder / "dataset.json").read_text())
+    cases = calibration_set_cases(images, labels, dataset_json["file_ending"])
+    label_info = LabelInfo.from_dataset_json(dataset_json)
+    settings = StatisticsSettings(label_info.num_classes, label_info.ignore_label, region, fit_region, seed=seed)
     with fold_locks(folders), partial_folder(model_folder) as tmp:
         predictor = nnUNetPredictor(tile_step_size=step_size, use_gaussian=True, use_mirroring=not disable_tta,
                                     perform_everything_on_device=True, device=torch.device(device), verbose=False,
                                     verbose_preprocessing=False, allow_tqdm=progress)
         predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                        CHECKPOINT_FINAL)
-        predictor.predict_from_files_sequential(str(images), str(tmp), save_probabilities=True, overwrite=True)
-        fit = fit_temperature_on(labels, [Path(tmp)], dataset_json, plans_of(model_folder), region, fit_region,
-                                 max_voxels, seed, progress, num_processes=num_processes)
+        job = StatisticsExport(settings, str(labels), str(Path(tmp) / "statistics"), "calibration set")
+        with streaming_validation_export(job, PREDICTOR_MODULE):
+            predictor.predict_from_files_sequential(str(images), str(tmp), save_probabilities=False, overwrite=True)
+        fit, statistics = fit_temperature_on_streamed(labels, [Path(job.output_folder)], [Path(tmp)], [cases],
+                                                      dataset_json, max_voxels, seed, progress)
         write_fit_details(model_folder / ENSEMBLE_DETAILS, fit,
                           f"{model_folder.name} folds {', '.join(map(str, folds))}: calibration set, {region} voxels")
         return finish_shared_temperature(
             model_folder, folders, fit, region, fit_region, max_voxels, seed,
-            f"the {fit.before['num_cases']} cases of the calibration set {images}", log,
+            f"the {fit.before['num_cases']} cases of the calibration set {images}", log, statistics=statistics,
             fit_data={"calibration_set": {"images": str(images.resolve()), "labels": str(labels.resolve()),
                                           "tta": not disable_tta, "step_size": step_size}})
+
+
+def calibration_set_cases(images: Path, labels: Path, ending: str) -> list[str]:
+    """The cases of a calibration set (``CASE_0000<ending>`` in ``images``), each with its reference in ``labels``.
+
+    Raises:
+        CalibrationStepError: no image, or images without a reference (named).
+    """
+    channel_0 = f"_0000{ending}"
+    cases = sorted(p.name[: -len(channel_0)] for p in images.iterdir() if p.name.endswith(channel_0))
+    if not cases:
+        raise CalibrationStepError(f"--calibration-set IMAGES {images} holds no CASE{channel_0} file (nnU-Net naming)")
+    missing = [c for c in cases if not (labels / f"{c}{ending}").is_file()]
+    if missing:
+        raise CalibrationStepError(f"--calibration-set LABELS {labels} lacks the references of {missing[:10]} "
+                                   f"({len(missing)} of {len(cases)}); pass one {ending} per image case")
+    return cases
