@@ -19,6 +19,8 @@ CHECKPOINT_BEST = "checkpoint_best.pth"
 VALIDATION = "validation"
 # files and folders we write
 CALIBRATED_CHECKPOINT = "checkpoint_final_calibrated.pth"
+#: the calibrated copy of checkpoint_best.pth, written when nnU-Net validated it (``nnUNetv2_train ... --val_best``)
+CALIBRATED_BEST_CHECKPOINT = "checkpoint_best_calibrated.pth"
 CALIBRATION_RECORD = "calibration.json"
 CALIBRATION_DETAILS = "calibration"
 ENSEMBLE_RECORD = "calibration_ensemble.json"
@@ -26,6 +28,13 @@ ENSEMBLE_DETAILS = "calibration_ensemble"
 #: per-case calibration statistics streamed out of the validation export (one small file per case)
 VALIDATION_STATISTICS = "validation_statistics"
 FOLD_PREFIX = "fold_"
+
+
+def calibrated_name(checkpoint: str) -> str:
+    """The file our calibration step folds a calibration of nnU-Net checkpoint ``checkpoint`` into:
+    ``checkpoint_final.pth`` -> ``checkpoint_final_calibrated.pth``, ``checkpoint_best.pth`` ->
+    ``checkpoint_best_calibrated.pth``."""
+    return f"{Path(checkpoint).stem}_calibrated.pth"
 
 
 def dataset_name(dataset: str | int) -> str:

@@ -87,15 +87,20 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
     if not calibrated:
         check_checkpoints_load(model_folder, folds, name, "restore or retrain it, or pass another -chk")
         return FoldModels(model_folder, folds, name, [1.0] * len(folds))
-    if all(folder.calibrated_checkpoint.is_file() for folder in fold_folders.values()):
+    named = {fold: calibrated_checkpoint_named(folder) for fold, folder in fold_folders.items()}
+    if all((folder.path / named[fold]).is_file() for fold, folder in fold_folders.items()):
         from ..calibration.folds import calibration_problem
 
+        if len(set(named.values())) > 1:
+            raise PredictionInputError(
+                f"the folds' calibrations are folded into different checkpoints ({named}: some were validated with "
+                f"nnUNetv2_train --val_best); calibrate them alike, e.g. {fold_folders[folds[0]].calibrate_command(' '.join(folds))}")
         for fold, folder in fold_folders.items():
             problem = calibration_problem(folder.path)
             if problem is not None:
                 raise PredictionInputError(f"fold {fold}: the calibration is not usable ({problem}); redo it with "
                                            f"{folder.calibrate_command()}, or predict without --calibrated")
-        return FoldModels(model_folder, folds, CALIBRATED_CHECKPOINT, [1.0] * len(folds), "calibrated checkpoints")
+        return FoldModels(model_folder, folds, named[folds[0]], [1.0] * len(folds), "calibrated checkpoints")
     temperatures = []
     for fold, folder in fold_folders.items():
         calibration = folder.calibration_record
@@ -103,11 +108,26 @@ def resolve_folds(model_folder: Path, folds: Sequence[str | int], checkpoint: st
             raise PredictionInputError(
                 f"fold {fold} has no calibration ({calibration.name} / {CALIBRATED_CHECKPOINT} missing): run "
                 f"{folder.calibrate_command()} first, or predict without --calibrated")
+        if named[fold] != CALIBRATED_CHECKPOINT:
+            raise PredictionInputError(
+                f"fold {fold}'s temperature was fitted on {named[fold].replace('_calibrated', '')}'s outputs (nnUNetv2_train "
+                f"--val_best) and {named[fold]} is missing; rerun {folder.train_command('--val --val_best')}, or "
+                f"{folder.calibrate_command()} to calibrate {CHECKPOINT_FINAL}")
         # the T its calibrated checkpoint would hold (an ensemble T, or its own)
         temperatures.append(read_calibration_temperature(calibration, "checkpoint_temperature", "temperature",
                                                          f"fold {fold}'s calibration record"))
     check_checkpoints_load(model_folder, folds, CHECKPOINT_FINAL, "restore or retrain it")
     return FoldModels(model_folder, folds, CHECKPOINT_FINAL, temperatures, "temperatures of calibration.json")
+
+
+def calibrated_checkpoint_named(folder: FoldFolder) -> str:
+    """The calibrated checkpoint a fold's ``calibration.json`` names (``checkpoint_best_calibrated.pth`` after
+    ``nnUNetv2_train --val_best``), else ``checkpoint_final_calibrated.pth``."""
+    try:
+        named = json.loads(folder.calibration_record.read_text()).get("calibrated_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return named if isinstance(named, str) and named else CALIBRATED_CHECKPOINT
 
 
 def check_checkpoints_load(model_folder: Path, folds: Sequence[str], name: str, fix: str) -> None:

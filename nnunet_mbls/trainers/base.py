@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 
 from ..defaults import MAX_VOXELS
 from ..errors import InputError
-from ..layout import FoldFolder
+from ..layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, FoldFolder
 from ..calibration.evaluation.export import streaming_validation_export, weights_id
 from ..locks import fold_lock
 from ..losses import LOSSES, build_loss
@@ -153,6 +154,18 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
                 super().perform_actual_validation(save_probabilities)
                 self.run_calibration_step()
 
+    def checkpoint_holding(self, model_id: str) -> str | None:
+        """The checkpoint file of this fold whose weights have id ``model_id`` (the validated ones):
+        ``checkpoint_final.pth``, ``checkpoint_best.pth`` after ``nnUNetv2_train ... --val_best``, or None (e.g.
+        ``--disable_checkpointing``; a file left by an earlier run holds other weights)."""
+        for name in (CHECKPOINT_FINAL, CHECKPOINT_BEST):
+            path = Path(self.output_folder) / name
+            if path.is_file():
+                checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+                if weights_id(checkpoint["network_weights"]) == model_id:
+                    return name
+        return None
+
     def run_calibration_step(self) -> None:
         """Our calibration step on nnU-Net's validation output (rank 0).
 
@@ -163,10 +176,12 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         from ..calibration.folds import CalibrationStepError, calibrate_output_folder
 
         _, val_keys = self.do_split()
+        model_id = weights_id(self.network)
         try:
             calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys),
                                     max_voxels=self.calibration_max_voxels,
-                                    num_processes=self.calibration_num_processes, model_id=weights_id(self.network))
+                                    num_processes=self.calibration_num_processes, model_id=model_id,
+                                    checkpoint=self.checkpoint_holding(model_id))
         except Exception as error:
             message = (
                 f"nnunet-mbls: the calibration step failed ({type(error).__name__}: {error}). Training and nnU-Net's "

@@ -64,3 +64,23 @@ class nnUNetTrainerMbLS_badcalib_test(ShortBudget, nnUNetTrainerMbLS):
 
 class nnUNetTrainerStockFolds_test(ShortBudget, nnUNetTrainer):
     """Stock nnU-Net with the test budget, for the fold-ensemble calibration tests only."""
+
+
+class nnUNetTrainerMbLS_bestfirst_test(ShortBudget, nnUNetTrainerMbLS):
+    """checkpoint_best.pth stays epoch 0's, so it holds other weights than checkpoint_final.pth (``--val_best`` tests)."""
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        self._best_ema = float("inf")  # no later epoch beats it
+
+
+class CPUSizedBatch(ShortBudget):
+    """At most 2 patches per batch: the residual-encoder presets plan 8 (3d) and 192 (2d) for a GPU."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.configuration_manager.configuration["batch_size"] = min(2, self.configuration_manager.batch_size)
+
+
+class nnUNetTrainerMbLS_cpubatch_test(CPUSizedBatch, nnUNetTrainerMbLS):
+    pass

@@ -17,7 +17,8 @@ def calibration_problem(folder: Path) -> str | None:
 
     Decided from what the files say, not from their times: ``calibration.json`` is a complete record; its
     calibrated checkpoint loads, holds the map the record names (``checkpoint_temperature``, or
-    ``vector_scaling``) and derives from today's ``checkpoint_final.pth`` (SHA-256 recorded in both). Records of
+    ``vector_scaling``) and derives from today's ``checkpoint_final.pth`` (or the checkpoint the record names as
+    ``source_checkpoint``: ``checkpoint_best.pth`` after ``--val_best``; SHA-256 recorded in both). Records of
     nnunet-mbls 0.2, which carry no hash, count when they are newer than ``checkpoint_final.pth``.
 
     Args:
@@ -27,15 +28,18 @@ def calibration_problem(folder: Path) -> str | None:
         None, or one sentence naming the file that is missing, broken or inconsistent.
     """
     fold = FoldFolder.at(folder)
-    final, record_file = fold.checkpoint_final, fold.calibration_record
-    if not final.is_file():
-        return f"{final} does not exist"
+    record_file = fold.calibration_record
     try:
         record = read_json_file(record_file, "calibration record")
     except ValueError as e:
         return str(e)
     if not isinstance(record, dict) or not isinstance(record.get("after"), dict) or not record.get("calibrated_checkpoint"):
         return f"{record_file} is incomplete (no 'after' metrics or no 'calibrated_checkpoint')"
+    source = record.get("source_checkpoint")
+    # the trained checkpoint T was fitted on: checkpoint_final.pth, or checkpoint_best.pth after --val_best
+    trained = fold.path / source["file"] if isinstance(source, dict) and "file" in source else fold.checkpoint_final
+    if not trained.is_file():
+        return f"{trained} does not exist"
     calibrated = fold.path / str(record["calibrated_checkpoint"])
     try:
         checkpoint = torch.load(calibrated, map_location="cpu", weights_only=False, mmap=True)
@@ -46,13 +50,12 @@ def calibration_problem(folder: Path) -> str | None:
     if recorded is None or not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
                                    for x, y in zip(held, recorded) for a, b in zip(x, y)):
         return f"{calibrated} holds the map {held} but {record_file} records {recorded}"
-    source = record.get("source_checkpoint")
     if source is None:  # a 0.2 record: no hash to compare
-        return None if record_file.stat().st_mtime >= final.stat().st_mtime else f"{final} is newer than {record_file}"
+        return None if record_file.stat().st_mtime >= trained.stat().st_mtime else f"{trained} is newer than {record_file}"
     if checkpoint.get("mbls_source") != source:
         return f"{calibrated} derives from another checkpoint than the one {record_file} names"
-    if file_sha256(final) != source.get("sha256"):
-        return f"{final} changed after the calibration (training continued?)"
+    if file_sha256(trained) != source.get("sha256"):
+        return f"{trained} changed after the calibration (training continued?)"
     return None
 
 

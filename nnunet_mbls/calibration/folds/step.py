@@ -10,7 +10,8 @@ Outputs in the fold folder (never inside ``validation/``, whose files nnU-Net's 
 - ``calibration/``: full per-case evaluations (``evaluation_before.json``, ``evaluation_after.json``)
   and ``reliability.png`` (before vs after);
 - ``checkpoint_final_calibrated.pth``: a copy of ``checkpoint_final.pth`` whose segmentation head
-  outputs logits / T. ``checkpoint_final.pth`` is never modified.
+  outputs logits / T. ``checkpoint_final.pth`` is never modified. After ``nnUNetv2_train ... --val_best``
+  nnU-Net validated ``checkpoint_best.pth``, so T goes into ``checkpoint_best_calibrated.pth`` instead.
 
 The temperature is fitted on a bounded, seeded, uniform subsample (``max_voxels``, default 10^6) of the
 voxels of ``fit_region`` (inside nnU-Net's crop box, or the foreground) of every case (ignore label
@@ -38,7 +39,7 @@ from ..evaluation import LabelInfo, resolve_transpose_forward
 from ..evaluation.statistics import (evaluate_statistics, fit_temperature_on_statistics, read_headers,
                                      segmentation_metrics_of_cases, statistics_files, statistics_from_npz)
 from ...io import atomic_write_json, partial_folder
-from ...layout import CALIBRATED_CHECKPOINT, FoldFolder, fold_name
+from ...layout import CHECKPOINT_FINAL, FoldFolder, calibrated_name, fold_name
 from ...locks import fold_lock
 from ..checkpoint import fold_temperature_into_checkpoint
 from ..subsample import VoxelSubsampler, case_candidates
@@ -262,21 +263,31 @@ def check_validation_complete(folder: Path, expected_cases: list[str] | None = N
             )
 
 
-def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None]) -> dict:
-    """Fold ``temperature`` into ``folder``'s checkpoint_final_calibrated.pth.
+def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None],
+                                checkpoint: str | None = CHECKPOINT_FINAL) -> dict:
+    """Fold ``temperature`` into a calibrated copy of ``folder``'s checkpoint ``checkpoint`` (the one whose outputs
+    T was fitted on): ``checkpoint_final_calibrated.pth``, or ``checkpoint_best_calibrated.pth`` for
+    ``checkpoint_best.pth`` (:func:`~nnunet_mbls.layout.calibrated_name`).
+
+    Args:
+        checkpoint: the checkpoint file name; None when the validated weights are in no checkpoint file (e.g.
+            ``nnUNetv2_train --disable_checkpointing``): nothing is written.
 
     Returns what calibration.json records about it: ``calibrated_checkpoint`` (the file name, None without
-    checkpoint_final.pth), ``checkpoint_temperature`` and ``source_checkpoint`` (name and SHA-256 of the
+    that checkpoint), ``checkpoint_temperature`` and ``source_checkpoint`` (name and SHA-256 of the
     checkpoint the calibrated one derives from, also stored inside it; see
     :func:`~nnunet_mbls.calibration.folds.state.calibration_problem`).
     """
-    checkpoint = FoldFolder.at(folder).checkpoint_final
-    if not checkpoint.is_file():
-        log(f"nnunet-mbls: {checkpoint} not found (checkpointing disabled?); no calibrated checkpoint written")
+    source = folder / checkpoint if checkpoint is not None else None
+    if source is None or not source.is_file():
+        log(f"nnunet-mbls: the validated weights are in no checkpoint file of {folder} ("
+            + (f"{source.name} not found; " if source is not None else "")
+            + "checkpointing disabled?); no calibrated checkpoint written, calibration.json records T only")
         return {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None}
-    fold_temperature_into_checkpoint(checkpoint, folder / CALIBRATED_CHECKPOINT, temperature, overwrite=True)
-    return {"calibrated_checkpoint": CALIBRATED_CHECKPOINT, "checkpoint_temperature": temperature,
-            "source_checkpoint": source_of(folder / CALIBRATED_CHECKPOINT)}
+    calibrated = calibrated_name(source.name)
+    fold_temperature_into_checkpoint(source, folder / calibrated, temperature, overwrite=True)
+    return {"calibrated_checkpoint": calibrated, "checkpoint_temperature": temperature,
+            "source_checkpoint": source_of(folder / calibrated)}
 
 
 def source_of(calibrated_checkpoint: Path) -> dict:
@@ -296,6 +307,7 @@ def calibrate_output_folder(
     write_checkpoint: bool = True,
     num_processes: int | None = None,
     model_id: str | None = None,
+    checkpoint: str | None = CHECKPOINT_FINAL,
 ) -> dict:
     """Run the calibration step on a fold folder whose ``validation_statistics/`` holds every validation case's
     streamed statistics (:mod:`nnunet_mbls.calibration.evaluation.export`), or else whose ``validation/`` holds
@@ -307,24 +319,27 @@ def calibrate_output_folder(
     temperature goes there instead, see :func:`~nnunet_mbls.calibration.folds.ensemble.calibrate_ensemble`).
     ``num_processes``: worker processes over the cases (see :func:`~nnunet_mbls.calibration.evaluation.evaluate_folder`; None:
     nnU-Net's default_num_processes); the result is the same for any value. ``model_id``: use statistics only
-    when they were computed by these weights (:func:`~nnunet_mbls.calibration.evaluation.export.weights_id`). Our trainers call this on rank 0 of
+    when they were computed by these weights (:func:`~nnunet_mbls.calibration.evaluation.export.weights_id`).
+    ``checkpoint``: the checkpoint file whose outputs were validated (``checkpoint_best.pth`` after
+    ``nnUNetv2_train --val_best``; None: in no file), the one T is folded into (see
+    :func:`write_calibrated_checkpoint`). Our trainers call this on rank 0 of
     nnU-Net's training process with the default: 'spawn' workers start clean there (no CUDA state, no DDP group),
     as nnU-Net's own validation export pool just did in that process.
     """
     folder = Path(output_folder)
     with fold_lock(folder, what="the calibration step"):
         return _calibrate_locked_fold(folder, max_voxels, seed, region, log, progress, expected_cases,
-                                      fit_region or FIT_REGION, write_checkpoint, num_processes, model_id)
+                                      fit_region or FIT_REGION, write_checkpoint, num_processes, model_id, checkpoint)
 
 
 def _calibrate_locked_fold(folder: Path, max_voxels: int, seed: int, region: str, log: Callable[..., None],
                            progress: bool, expected_cases: list[str] | None, fit_region: str, write_checkpoint: bool,
-                           num_processes: int | None, model_id: str | None) -> dict:
+                           num_processes: int | None, model_id: str | None, checkpoint: str | None) -> dict:
     fold = FoldFolder.at(folder)
     fit, statistics = fit_on_folds([folder], [expected_cases], region, fit_region, max_voxels, seed, progress,
                                    num_processes, model_id)
     write_fit_details(fold.calibration_details, fit, f"{folder.parent.name} {folder.name}: {region} voxels, pooled")
-    calibrated = (write_calibrated_checkpoint(folder, fit.temperature, log) if write_checkpoint else
+    calibrated = (write_calibrated_checkpoint(folder, fit.temperature, log, checkpoint) if write_checkpoint else
                   {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None})
     summary = {
         **fit_record(fit, region, fit_region, max_voxels, seed, "every validation case of this fold"),

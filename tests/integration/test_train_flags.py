@@ -1,0 +1,110 @@
+"""``nnUNetv2_train``'s flags with our trainers: the calibration step always describes, and is folded into, the
+checkpoint whose outputs it was fitted on (real nnU-Net runs on the tiny 3D dataset)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_mbls.calibration.evaluation.export import weights_id
+from nnunet_mbls.calibration.evaluation.statistics import read_headers
+from nnunet_mbls.calibration.folds import calibration_problem
+
+pytestmark = pytest.mark.integration
+
+TRAINER = "nnUNetTrainerMbLS_bestfirst_test"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def weights_of(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+
+
+def head_key(weights: dict) -> str:
+    return max((k for k in weights if k.startswith("decoder.seg_layers.") and k.endswith(".weight")),
+               key=lambda k: int(k.split(".")[2]))
+
+
+def assert_calibration_describes(fold: Path, checkpoint: str) -> dict:
+    """calibration.json names ``checkpoint`` (its SHA-256 of today), the statistics were computed by its weights,
+    and the calibrated checkpoint is it with the head divided by T (every other weight equal)."""
+    record = json.loads((fold / "calibration.json").read_text())
+    assert record["source_checkpoint"] == {"file": checkpoint, "sha256": sha256(fold / checkpoint)}
+    weights = weights_of(fold / checkpoint)
+    headers = read_headers(sorted((fold / "validation_statistics").glob("*.npz")))
+    assert {h["model_id"] for h in headers} == {weights_id(weights)}
+    assert record["calibrated_checkpoint"] == checkpoint.replace(".pth", "_calibrated.pth")
+    calibrated = weights_of(fold / record["calibrated_checkpoint"])
+    head, T = head_key(weights), record["temperature"]
+    torch.testing.assert_close(calibrated[head] * T, weights[head], rtol=1e-5, atol=1e-7)
+    assert all(torch.equal(calibrated[k], weights[k]) for k in weights if not k.startswith(head.rsplit(".", 1)[0]))
+    assert calibration_problem(fold) is None
+    return record
+
+
+@pytest.fixture(scope="module")
+def trained(nnunet_3d):
+    nn, dataset = nnunet_3d
+    nn.train(501, "3d_fullres", TRAINER, "0")
+    fold = nn.results / dataset / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
+    assert weights_id(weights_of(fold / "checkpoint_best.pth")) != weights_id(weights_of(fold / "checkpoint_final.pth"))
+    return nn, dataset, fold
+
+
+def test_training_calibrates_the_final_checkpoint(trained):
+    _, _, fold = trained
+    assert_calibration_describes(fold, "checkpoint_final.pth")
+
+
+def test_val_best_calibrates_the_best_checkpoint_and_predict_uses_it(trained, monkeypatch):
+    from nnunet_mbls.inference.predict import resolve_folds
+
+    nn, dataset, fold = trained
+    final = sha256(fold / "checkpoint_final.pth")
+    nn.train(501, "3d_fullres", TRAINER, "0", "--val", "--val_best")
+    assert_calibration_describes(fold, "checkpoint_best.pth")
+    assert sha256(fold / "checkpoint_final.pth") == final
+    nn.apply_env(monkeypatch)
+    models = resolve_folds(fold.parent, ["0"], None, True, "501", "3d_fullres", TRAINER, "nnUNetPlans")
+    assert models.checkpoint == "checkpoint_best_calibrated.pth"
+
+
+def test_val_npz_calibrates_the_final_checkpoint_again(trained):
+    nn, _, fold = trained
+    nn.train(501, "3d_fullres", TRAINER, "0", "--val", "--npz")
+    assert_calibration_describes(fold, "checkpoint_final.pth")
+    assert sorted(p.name for p in (fold / "validation").glob("*.npz")) == \
+        sorted(p.name for p in (fold / "validation_statistics").glob("*.npz"))
+
+
+def test_continue_after_a_finished_training_recalibrates_the_same_weights(trained):
+    nn, _, fold = trained
+    before = weights_id(weights_of(fold / "checkpoint_final.pth"))
+    nn.train(501, "3d_fullres", TRAINER, "0", "--c")
+    assert weights_id(weights_of(fold / "checkpoint_final.pth")) == before
+    assert_calibration_describes(fold, "checkpoint_final.pth")
+
+
+def test_disable_checkpointing_records_the_temperature_without_a_checkpoint(trained):
+    nn, dataset, fold = trained
+    fold_1 = fold.parent / "fold_1"
+    nn.train(501, "3d_fullres", TRAINER, "1", "--disable_checkpointing")
+    record = json.loads((fold_1 / "calibration.json").read_text())
+    assert record["calibrated_checkpoint"] is None and record["source_checkpoint"] is None
+    assert 0.05 <= record["temperature"] <= 20
+    assert not list(fold_1.glob("checkpoint*.pth"))
+    assert "no calibrated checkpoint written" in "".join(p.read_text() for p in fold_1.glob("training_log_*.txt"))
+
+
+def test_pretrained_weights_start_and_the_final_checkpoint_is_calibrated(trained):
+    nn, _, fold = trained
+    proc = nn.train(501, "3d_fullres", TRAINER, "2", "-pretrained_weights", str(fold / "checkpoint_final.pth"))
+    assert "pretrained" in (proc.stdout + proc.stderr).lower()
+    assert_calibration_describes(fold.parent / "fold_2", "checkpoint_final.pth")
