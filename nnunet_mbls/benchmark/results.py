@@ -30,6 +30,7 @@ from collections import defaultdict
 import numpy as np
 
 from ..defaults import FIT_REGION, MAX_VOXELS, METRIC_REGION, SEED
+from ..errors import InputError
 from ..layout import FoldFolder
 from .grid import Cell
 
@@ -72,6 +73,10 @@ def load_cell(cell: Cell) -> dict | None:
         ``temperature``, ``cases`` (stage -> case -> metrics, with ``ece_boundary`` where the case rows
         exist), ``case_rows`` (:func:`~nnunet_mbls.benchmark.cases.cell_case_rows`) and ``reliability``
         (stage -> curve); None without ``calibration.json``.
+
+    Raises:
+        InputError: ``calibration.json`` holds vector scaling (no temperature of the fold), naming the command
+            that redoes the temperature step.
     """
     from .cases import cell_case_rows
 
@@ -79,6 +84,12 @@ def load_cell(cell: Cell) -> dict | None:
     if not fold.calibration_record.is_file():
         return None
     calibration = json.loads(fold.calibration_record.read_text())
+    if "temperature" not in calibration:
+        raise InputError(
+            f"{fold.calibration_record} holds {calibration.get('checkpoint_calibration') or 'another calibration'} "
+            f"(nnunet-mbls calibrate --method vector), not the fold's own temperature the benchmark compares; redo "
+            f"the temperature step with {fold.calibrate_command()} (the benchmark's --vector-scaling fits vector "
+            f"scaling itself, writing nothing into the folds)")
     stages = {s: json.loads((fold.calibration_details / f"evaluation_{s}.json").read_text()) for s in ("before", "after")}
     cases = {s: case_values(stages[s]) for s in stages}
     rows = cell_case_rows(cell)
