@@ -46,6 +46,9 @@ TAU_PERCENTILE = 10.0
 #: 2.25 MiB a 4-class case keeps 91 k voxels, a 16-class case 32 k, a 117-class case 5 k; pooled over a fold's
 #: cases that is the MAX_VOXELS sample whenever a fold has enough cases (docs/BENCHMARKS.md, "Streaming statistics")
 FIT_SAMPLE_BYTES = 9 * 2**18
+#: voxels per case whose region logits a region-based model's statistics keep (logit float32 + target per region,
+#: key float64): 2^17 keep a case's file near 1 MB for 3 regions; pooled, the fit's sample is at most MAX_VOXELS
+REGION_SAMPLE = 2**17
 #: bytes of a case's statistics file given to its stratified sample of metric-region voxels, from which the metrics
 #: after T are estimated (exact when the region has fewer voxels): 1.25 MiB, so that the file stays under 5 MB
 METRIC_SAMPLE_BYTES = 5 * 2**18

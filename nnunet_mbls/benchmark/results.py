@@ -84,6 +84,9 @@ def load_cell(cell: Cell) -> dict | None:
     if not fold.calibration_record.is_file():
         return None
     calibration = json.loads(fold.calibration_record.read_text())
+    if "region_temperatures" in calibration:
+        raise InputError(f"{fold.path} is a region-based model (per-region temperatures); the benchmark compares "
+                         f"softmax calibration. Its per-region ECE before and after T is in {fold.calibration_record}")
     if "temperature" not in calibration:
         raise InputError(
             f"{fold.calibration_record} holds {calibration.get('checkpoint_calibration') or 'another calibration'} "

@@ -314,9 +314,16 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in models.folds],
                                                    checkpoint_name=models.checkpoint)
+    nnunet_command = (f"nnUNetv2_predict -i {input_folder} -o {output_folder} -d {dataset} -c {configuration} -f "
+                      f"{' '.join(models.folds)} -tr {trainer} -p {plans} -chk {models.checkpoint} --save_probabilities")
     if predictor.configuration_manager.previous_stage_name is not None:
-        raise PredictionInputError(f"{configuration} is a cascade stage; nnunet-mbls predict supports single-stage "
-                                   f"configurations (2d, 3d_fullres, 3d_lowres)")
+        raise PredictionInputError(
+            f"{configuration} is a cascade stage; nnunet-mbls predict supports single-stage configurations (2d, "
+            f"3d_fullres, 3d_lowres). Predict with nnU-Net: {nnunet_command} -prev_stage_predictions FOLDER")
+    if predictor.label_manager.has_regions:
+        raise PredictionInputError(
+            f"{dataset_name} is region-based (one sigmoid per region); the maps and QC of nnunet-mbls predict are for "
+            f"softmax models. Predict the (calibrated) region probabilities with nnU-Net: {nnunet_command}")
     list_of_lists, output_truncated, _ = predictor._manage_input_and_output_lists(
         str(input_folder), str(output_folder), None, True, 0, 1, False)
     if not list_of_lists:

@@ -10,6 +10,7 @@ from .entropy import EntropyPenaltyLoss
 from .focal import FocalLoss
 from .label_smoothing import LabelSmoothingLoss
 from .margin import MbLSDiceLoss, MbLSLoss
+from .regions import NO_REGION_FORM, REGION_LOSSES, RegionLoss
 from .spatial import NACLLoss, SVLSLoss
 
 LOSSES: dict[str, type[SegmentationLoss]] = {
@@ -45,3 +46,22 @@ def build_loss(name: str, **kwargs: Any) -> SegmentationLoss:
     if name not in LOSSES:
         raise ValueError(f"loss name {name!r} is unknown; choose one of {sorted(LOSSES)}")
     return LOSSES[name](**kwargs)
+
+
+def build_region_loss(name: str, **kwargs: Any) -> RegionLoss:
+    """The sigmoid form of loss ``name`` for region-based datasets (:data:`~nnunet_mbls.losses.regions.REGION_LOSSES`).
+
+    Args:
+        name: a key of :data:`LOSSES` that has a sigmoid form (``ce``, ``focal``, ``ls``, ``mbls``, ``mbls_dice``).
+        **kwargs: as :func:`build_loss`.
+
+    Raises:
+        ValueError: ``name`` has no sigmoid form (the message says why and names those that have one), is
+            unknown, or a hyper-parameter is invalid.
+    """
+    if name in NO_REGION_FORM:
+        raise ValueError(f"loss {name!r} has no sigmoid form for region-based datasets ({NO_REGION_FORM[name]}); "
+                         f"those with one: {sorted(REGION_LOSSES)}")
+    if name not in REGION_LOSSES:
+        raise ValueError(f"loss name {name!r} is unknown; choose one of {sorted(REGION_LOSSES)}")
+    return REGION_LOSSES[name](**kwargs)

@@ -2,7 +2,7 @@
 
 A trainer subclass only names its loss (``loss_name``, a key of :data:`nnunet_mbls.losses.LOSSES`)
 and its hyper-parameters (``loss_kwargs``). This base builds the loss with nnU-Net's ignore label
-and deep-supervision weights, refuses region-based datasets, logs the loss, monitors the
+and deep-supervision weights (its sigmoid form on region-based datasets, :mod:`nnunet_mbls.losses.regions`), logs the loss, monitors the
 foreground ECE of the validation batches every epoch, streams each validation case's calibration statistics
 out of nnU-Net's final validation export (no probability file unless ``--npz``), and then runs the calibration
 step on them (temperature scaling folded into ``checkpoint_final_calibrated.pth``).
@@ -26,7 +26,8 @@ from ..errors import InputError
 from ..layout import CHECKPOINT_BEST, CHECKPOINT_FINAL, FoldFolder
 from ..calibration.evaluation.export import streaming_validation_export, weights_id
 from ..locks import fold_lock
-from ..losses import LOSSES, build_loss
+from ..losses import LOSSES, build_loss, build_region_loss
+from ..losses.regions import NO_REGION_FORM
 from ..losses.registry import USES_NNUNET_DICE
 from .online_ece import ONLINE_ECE_KEY, OnlineECE, add_online_ece_to_logger, sum_over_ranks
 
@@ -62,12 +63,12 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         device: torch.device = torch.device("cuda"),
     ):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions:
+        if self.label_manager.has_regions and self.loss_name in NO_REGION_FORM:
             raise RegionBasedDatasetError(
-                f"{self.__class__.__name__} trains with a softmax loss ({self.loss_name}), but this dataset's "
-                f"dataset.json declares region-based labels (overlapping regions trained with sigmoid outputs), "
-                f"which a softmax loss cannot serve. Use stock nnUNetTrainer (Dice + BCE for regions), or "
-                f"rewrite the labels as mutually exclusive integer labels to use {self.__class__.__name__}."
+                f"{self.__class__.__name__} trains with {self.loss_name}, which has no sigmoid form for this dataset's "
+                f"region-based labels ({NO_REGION_FORM[self.loss_name]}). Use nnUNetTrainerMbLS, nnUNetTrainerMbLSDice, "
+                f"nnUNetTrainerCE, nnUNetTrainerFocal or nnUNetTrainerLS (their sigmoid forms), stock nnUNetTrainer, "
+                f"or rewrite the labels as mutually exclusive integer labels."
             )
         self.online_ece = OnlineECE(num_classes=self.label_manager.num_segmentation_heads)
         add_online_ece_to_logger(self.logger)
@@ -77,8 +78,8 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         kwargs = dict(self.loss_kwargs, ignore_label=self.label_manager.ignore_label)
         if self.loss_name in USES_NNUNET_DICE:
             kwargs.update(batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp)
-        try:
-            return build_loss(self.loss_name, **kwargs)
+        try:  # region-based datasets: the loss's sigmoid form (nnunet_mbls.losses.regions)
+            return (build_region_loss if self.label_manager.has_regions else build_loss)(self.loss_name, **kwargs)
         except ValueError as error:
             if self.loss_name not in LOSSES:  # the name is wrong, not the hyper-parameters: build_loss says so
                 raise
@@ -87,7 +88,7 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
     def _build_loss(self):
         loss = self.build_plain_loss()
         self.print_to_log_file(
-            f"nnunet-mbls loss: {LOSSES[self.loss_name].__name__} ({self.loss_name}) {loss.hyper_parameters}, "
+            f"nnunet-mbls loss: {type(loss).__name__} ({self.loss_name}) {loss.hyper_parameters}, "
             f"ignore_label={self.label_manager.ignore_label}, deep supervision={self.enable_deep_supervision}"
         )
         if self.enable_deep_supervision:
@@ -111,6 +112,8 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         return result
 
     def validation_step(self, batch: dict) -> dict:
+        if self.label_manager.has_regions:  # the online ECE is a softmax one; regions are calibrated after training
+            return super().validation_step(batch)
         # nnU-Net's validation_step keeps the network output to itself; we see it when it reaches the loss
         loss, captured = self.loss, {}
 
@@ -128,6 +131,8 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         return result
 
     def on_validation_epoch_end(self, val_outputs: list[dict]):
+        if self.label_manager.has_regions:
+            return super().on_validation_epoch_end(val_outputs)
         states = collate_outputs(val_outputs)[ONLINE_ECE_KEY].sum(0)
         if self.is_ddp:
             states = sum_over_ranks(states)
@@ -138,6 +143,8 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
 
     def on_epoch_end(self):
         super().on_epoch_end()
+        if self.label_manager.has_regions:
+            return
         self.print_to_log_file("Foreground ECE (validation batches)", np.round(self.logger.get_value(ONLINE_ECE_KEY, step=-1), 4))
         if self.local_rank == 0:
             self.online_ece.plot(self.logger, self.output_folder)
@@ -174,10 +181,15 @@ class nnUNetTrainerCalibrated(nnUNetTrainer):
         raised again (``nnUNetv2_train`` exits with status 1, so a scheduler sees it).
         """
         from ..calibration.folds import CalibrationStepError, calibrate_output_folder
+        from ..calibration.folds.region_step import calibrate_region_fold
 
         _, val_keys = self.do_split()
         model_id = weights_id(self.network)
         try:
+            if self.label_manager.has_regions:
+                calibrate_region_fold(Path(self.output_folder), list(val_keys), model_id, self.checkpoint_holding(model_id),
+                                      self.print_to_log_file, max_voxels=self.calibration_max_voxels)
+                return
             calibrate_output_folder(self.output_folder, log=self.print_to_log_file, expected_cases=list(val_keys),
                                     max_voxels=self.calibration_max_voxels,
                                     num_processes=self.calibration_num_processes, model_id=model_id,

@@ -108,8 +108,8 @@ def test_dataset_with_ignore_label_trains_and_ignored_voxels_are_not_scored(tmp_
         assert metrics["n_voxels"] == int(((gt != 0) & (gt != 4)).sum())
 
 
-def test_region_based_dataset_is_refused_at_trainer_start(nnunet_3d, monkeypatch):
-    from nnunet_mbls.trainers import nnUNetTrainerMbLS
+def test_region_based_dataset_is_refused_by_a_loss_without_sigmoid_form(nnunet_3d, monkeypatch):
+    from nnunet_mbls.trainers import nnUNetTrainerSVLS
     from nnunet_mbls.trainers.base import RegionBasedDatasetError
 
     nn, dataset = nnunet_3d
@@ -118,8 +118,8 @@ def test_region_based_dataset_is_refused_at_trainer_start(nnunet_3d, monkeypatch
     dataset_json = json.loads((nn.preprocessed / dataset / "dataset.json").read_text())
     dataset_json["labels"] = {"background": 0, "whole": [1, 2, 3], "inner": 2}
     dataset_json["regions_class_order"] = [1, 2]
-    with pytest.raises(RegionBasedDatasetError, match="region-based.*nnUNetTrainer"):
-        nnUNetTrainerMbLS(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    with pytest.raises(RegionBasedDatasetError, match="no sigmoid form.*nnUNetTrainerMbLS.*stock nnUNetTrainer"):
+        nnUNetTrainerSVLS(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
 
 
 def test_deep_supervision_weights_equal_stock_nnunet(nnunet_3d, monkeypatch):

@@ -98,7 +98,7 @@ def test_trainer_names_itself_in_a_loss_kwargs_error():
         loss_kwargs = {"margin": "10", "lam": 0.1}
 
     trainer = object.__new__(nnUNetTrainerMbLS_text)  # no plans needed to build the loss
-    trainer.label_manager = SimpleNamespace(ignore_label=None)
+    trainer.label_manager = SimpleNamespace(ignore_label=None, has_regions=False)
     with pytest.raises(ValueError, match=r"^nnUNetTrainerMbLS_text\.loss_kwargs: margin='10' is invalid.*margin=10\)$"):
         trainer.build_plain_loss()
 

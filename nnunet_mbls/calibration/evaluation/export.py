@@ -37,6 +37,24 @@ class StatisticsExport:
     output_folder: str
     model_id: str
 
+    def statistics_of(self, case: str, logits, ref: np.ndarray, properties: dict, transpose_forward,
+                      segmentation: np.ndarray) -> CaseStatistics:
+        """The case's statistics (:func:`~nnunet_mbls.calibration.case_statistics.case_statistics`)."""
+        return case_statistics(case, logits, ref, properties, transpose_forward, self.settings, segmentation)
+
+
+@dataclass(frozen=True)
+class RegionStatisticsExport(StatisticsExport):
+    """:class:`StatisticsExport` of a region-based model (``settings`` are
+    :class:`~nnunet_mbls.calibration.region_statistics.RegionSettings`)."""
+
+    def statistics_of(self, case: str, logits, ref: np.ndarray, properties: dict, transpose_forward,
+                      segmentation: np.ndarray):
+        """The case's :func:`~nnunet_mbls.calibration.region_statistics.region_case_statistics`."""
+        from ..region_statistics import region_case_statistics
+
+        return region_case_statistics(case, logits, ref, properties, transpose_forward, self.settings)
+
 
 def weights_id(network: torch.nn.Module | dict) -> str:
     """SHA-256 (first 16 hex digits) of a network's weights: the same on every DDP rank and for the state dict in
@@ -102,8 +120,7 @@ def export_with_statistics(job: StatisticsExport, predicted_logits, properties: 
         ref, _ = reader.read_seg(str(Path(job.reference_folder) / f"{case}{dataset_json['file_ending']}"))
         ref = ref[0].astype(np.uint8 if ref.max() < 256 else np.int32)  # nnU-Net's readers return float32 labels
         segmentation = segmentation_in_original_frame(logits, properties, plans_manager, label_manager)
-        statistics = case_statistics(case, logits, ref, properties, plans_manager.transpose_forward, job.settings,
-                                     segmentation)
+        statistics = job.statistics_of(case, logits, ref, properties, plans_manager.transpose_forward, segmentation)
         statistics.model_id = job.model_id
         statistics.save(Path(job.output_folder) / f"{case}.npz")
         del logits

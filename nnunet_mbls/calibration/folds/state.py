@@ -69,8 +69,11 @@ def recorded_map(record: dict, num_classes: int) -> tuple[list[float], list[floa
     """(scale, bias) per class that a calibration.json says its calibrated checkpoint holds (None: invalid)."""
     T = record.get("checkpoint_temperature")
     vector = record.get("vector_scaling")
+    regions = record.get("region_temperatures")
     if isinstance(T, (int, float)) and not isinstance(T, bool) and T > 0:
         return [1.0 / T] * num_classes, [0.0] * num_classes
+    if isinstance(regions, dict) and regions:
+        return [1.0 / float(t) for t in regions.values()], [0.0] * len(regions)
     if isinstance(vector, dict):
         return [float(v) for v in vector["scale"]], [float(v) for v in vector["bias"]]
     return None

@@ -41,7 +41,7 @@ from ..evaluation.statistics import (evaluate_statistics, fit_temperature_on_sta
 from ...io import atomic_write_json, partial_folder
 from ...layout import CHECKPOINT_FINAL, FoldFolder, calibrated_name, fold_name
 from ...locks import fold_lock
-from ..checkpoint import fold_temperature_into_checkpoint
+from ..checkpoint import fold_logit_affine_into_checkpoint, fold_temperature_into_checkpoint
 from ..subsample import VoxelSubsampler, case_candidates
 from ..temperature import fit_temperature
 from .records import TemperatureFit, fit_record, log_fit, write_fit_details
@@ -263,8 +263,8 @@ def check_validation_complete(folder: Path, expected_cases: list[str] | None = N
             )
 
 
-def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[..., None],
-                                checkpoint: str | None = CHECKPOINT_FINAL) -> dict:
+def write_calibrated_checkpoint(folder: Path, temperature: float | None, log: Callable[..., None],
+                                checkpoint: str | None = CHECKPOINT_FINAL, scale: list[float] | None = None) -> dict:
     """Fold ``temperature`` into a calibrated copy of ``folder``'s checkpoint ``checkpoint`` (the one whose outputs
     T was fitted on): ``checkpoint_final_calibrated.pth``, or ``checkpoint_best_calibrated.pth`` for
     ``checkpoint_best.pth`` (:func:`~nnunet_mbls.layout.calibrated_name`).
@@ -272,6 +272,7 @@ def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[
     Args:
         checkpoint: the checkpoint file name; None when the validated weights are in no checkpoint file (e.g.
             ``nnUNetv2_train --disable_checkpointing``): nothing is written.
+        scale: one factor per output channel instead of 1 / ``temperature`` (per-region temperatures: 1 / T_r).
 
     Returns what calibration.json records about it: ``calibrated_checkpoint`` (the file name, None without
     that checkpoint), ``checkpoint_temperature`` and ``source_checkpoint`` (name and SHA-256 of the
@@ -285,7 +286,10 @@ def write_calibrated_checkpoint(folder: Path, temperature: float, log: Callable[
             + "checkpointing disabled?); no calibrated checkpoint written, calibration.json records T only")
         return {"calibrated_checkpoint": None, "checkpoint_temperature": None, "source_checkpoint": None}
     calibrated = calibrated_name(source.name)
-    fold_temperature_into_checkpoint(source, folder / calibrated, temperature, overwrite=True)
+    if scale is None:
+        fold_temperature_into_checkpoint(source, folder / calibrated, temperature, overwrite=True)
+    else:
+        fold_logit_affine_into_checkpoint(source, folder / calibrated, scale, overwrite=True)
     return {"calibrated_checkpoint": calibrated, "checkpoint_temperature": temperature,
             "source_checkpoint": source_of(folder / calibrated)}
 

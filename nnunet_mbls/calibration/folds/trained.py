@@ -3,6 +3,7 @@ nnU-Net's validation rerun where their probabilities are missing, then the calib
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ def calibrate_trained_model(
     default_num_processes).
     """
     folds = [str(f) for f in fold] if isinstance(fold, (list, tuple)) else [str(fold)]
+    refuse_region_based(FoldFolder.of(dataset, configuration, folds[0], trainer, plans))
     settings = {"region": kwargs.get("region") or METRIC_REGION, "fit_region": kwargs.get("fit_region") or FIT_REGION,
                 "seed": kwargs.get("seed", SEED)}
     with fold_locks([FoldFolder.of(dataset, configuration, f, trainer, plans).path for f in folds]):
@@ -48,6 +50,22 @@ def calibrate_trained_model(
         if len(folders) == 1:
             return calibrate_output_folder(folders[0], num_processes=num_processes, model_id=prepared[0][1], **kwargs)
         return calibrate_ensemble(folders, num_processes=num_processes, **kwargs)
+
+
+def refuse_region_based(fold: FoldFolder) -> None:
+    """CalibrationStepError when the model is region-based: its calibration step (per-region temperatures) runs in
+    our trainers' validation, not here."""
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+    dataset_json = fold.trainer_folder / "dataset.json"
+    if not dataset_json.is_file():
+        return
+    content = json.loads(dataset_json.read_text())
+    if LabelManager(content["labels"], content.get("regions_class_order")).has_regions:
+        raise CalibrationStepError(
+            f"{fold.trainer_folder} is region-based (one sigmoid per region): its per-region temperatures are fitted "
+            f"by our trainers' validation; run {fold.train_command('--val')} with an nnunet-mbls trainer "
+            f"(nnunet-mbls calibrate serves softmax models)")
 
 
 def has_every_npz(fold: FoldFolder) -> bool:

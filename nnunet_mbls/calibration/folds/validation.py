@@ -8,10 +8,11 @@ import os
 
 import torch
 
-from ...defaults import FIT_REGION, METRIC_REGION, SEED
+from ...defaults import FIT_REGION, METRIC_REGION, REGION_SAMPLE, SEED
 from ...layout import FoldFolder
 from ..case_statistics import StatisticsSettings
-from ..evaluation.export import StatisticsExport, streaming_validation_export, weights_id
+from ..evaluation.export import RegionStatisticsExport, StatisticsExport, streaming_validation_export, weights_id
+from ..region_statistics import RegionSettings
 from .step import CalibrationStepError, gt_folder_for
 
 
@@ -20,11 +21,13 @@ def statistics_export(trainer, region: str = METRIC_REGION, fit_region: str = FI
     """What the validation export of an nnU-Net trainer instance streams, and where (its fold's
     ``validation_statistics/``), with the weights it holds now."""
     fold = FoldFolder.at(trainer.output_folder)
-    if trainer.label_manager.has_regions:
-        raise CalibrationStepError(
-            f"{fold.path}: the dataset declares region-based labels (sigmoid outputs per region); the calibration "
-            f"statistics need mutually exclusive integer labels (softmax outputs). Calibrate a model trained on integer "
-            f"labels, or use nnU-Net's own outputs for this one")
+    labels = trainer.label_manager
+    if labels.has_regions:  # one sigmoid output per region: region statistics (per-region temperature)
+        settings = RegionSettings(tuple(tuple(r) if isinstance(r, (list, tuple)) else (int(r),)
+                                        for r in labels.foreground_regions),
+                                  labels.ignore_label, seed, REGION_SAMPLE)
+        return RegionStatisticsExport(settings, str(gt_folder_for(fold.path)), str(fold.validation_statistics),
+                                      weights_id(trainer.network))
     settings = StatisticsSettings(num_classes=trainer.label_manager.num_segmentation_heads,
                                   ignore_label=trainer.label_manager.ignore_label, region=region,
                                   fit_region=fit_region, seed=seed)
