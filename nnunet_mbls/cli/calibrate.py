@@ -14,7 +14,10 @@ def add_parser(subparsers) -> None:
     add_model_options(p, folds_help="fold(s); several folds get ONE temperature fitted on their pooled out-of-fold "
                                     "validation cases and folded into each (the calibrated ensemble of "
                                     "nnUNetv2_predict -f ...)",
-                      trainer_help=f"trainer (default {STOCK_TRAINER}: stock models work too)")
+                      trainer_help=f"trainer (default {STOCK_TRAINER}: stock models work too)",
+                      configurations_help="configuration, e.g. 3d_fullres; several (e.g. 2d 3d_fullres): ONE temperature "
+                                          "for their ensemble as nnUNetv2_ensemble averages it, fitted on their "
+                                          "out-of-fold --npz probabilities and applied with apply-temperature")
     add_device_option(p, "device for a missing validation run (default: cuda if available, else cpu)")
     p.add_argument("--calibration-set", nargs=2, metavar=("IMAGES", "LABELS"),
                    help="fit T on the listed folds' ensemble output (nnU-Net's predictor, TTA as deployed) on a labelled "
@@ -44,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from ..layout import FoldFolder
 
     common = dict(max_voxels=args.max_voxels, seed=args.seed, region=args.region, fit_region=args.fit_region)
+    if len(args.c) > 1:
+        return run_configuration_ensemble(args, common)
+    args.c = args.c[0]
     if args.method == "vector":
         if args.calibration_set:
             raise ValueError("--method vector fits on the validation logits of the folds; it does not take "
@@ -70,4 +76,20 @@ def run(args: argparse.Namespace) -> int:
                                       device=args.device, num_processes=args.np, **common)
     shared = f", shared by folds {', '.join(summary['folds'])}" if "folds" in summary else ""
     print(f"T = {summary['temperature']:.4f}{shared}")
+    return 0
+
+
+def run_configuration_ensemble(args: argparse.Namespace, common: dict) -> int:
+    """``-c A B ...``: one temperature for the ensemble of configurations (see
+    :mod:`nnunet_mbls.calibration.folds.configurations`)."""
+    from ..calibration.folds.configurations import calibrate_configuration_ensemble
+
+    for flag, given in (("--method vector", args.method == "vector"), ("--calibration-set", args.calibration_set),
+                        ("--if-missing", args.if_missing)):
+        if given:
+            raise ValueError(f"{flag} is for one configuration; several -c ({' '.join(args.c)}) fit one temperature "
+                             f"on their averaged out-of-fold probabilities (drop {flag})")
+    record = calibrate_configuration_ensemble(args.d, args.c, args.f, args.tr, args.p, num_processes=args.np, **common)
+    print(f"T = {record['temperature']:.4f} for the ensemble of {', '.join(args.c)} (folds {', '.join(record['folds'])}); "
+          f"wrote {record['record_file']}\napply it: {record['apply']}")
     return 0

@@ -19,14 +19,18 @@ STEP_SIZE = 0.5
 
 def add_model_options(p: argparse.ArgumentParser, *, folds_help: str, trainer_help: str,
                       several_datasets: bool = False, default_folds: list[str] | None = None,
-                      several_trainers: bool = False) -> None:
-    """nnU-Net's ``-d -c -f -tr -p``: one dataset (or several), folds required unless ``default_folds``, one
-    trainer defaulting to stock nnU-Net (or several, required)."""
+                      several_trainers: bool = False, configurations_help: str | None = None) -> None:
+    """nnU-Net's ``-d -c -f -tr -p``: one dataset (or several), one configuration (or several, with
+    ``configurations_help``), folds required unless ``default_folds``, one trainer defaulting to stock nnU-Net (or
+    several, required)."""
     if several_datasets:
         p.add_argument("-d", nargs="+", required=True, help="dataset names or ids")
     else:
         p.add_argument("-d", required=True, help="dataset name or id")
-    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    if configurations_help:
+        p.add_argument("-c", nargs="+", required=True, help=configurations_help)
+    else:
+        p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
     p.add_argument("-f", nargs="+", required=default_folds is None, default=default_folds, help=folds_help)
     if several_trainers:
         p.add_argument("-tr", nargs="+", required=True, help=trainer_help)

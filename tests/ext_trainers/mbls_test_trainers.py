@@ -84,3 +84,12 @@ class CPUSizedBatch(ShortBudget):
 
 class nnUNetTrainerMbLS_cpubatch_test(CPUSizedBatch, nnUNetTrainerMbLS):
     pass
+
+
+class nnUNetTrainerMbLS_nomirror_test(ShortBudget, nnUNetTrainerMbLS):
+    """Validation without mirroring (8x fewer forward passes): the cascade's larger images on the CPU."""
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, do_dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, do_dummy_2d, initial_patch_size, None

@@ -113,3 +113,71 @@ def test_benchmark_and_vector_scaling_take_the_plans(resenc, tmp_path):
     calibrated, trained = weights_of(fold / "checkpoint_final_calibrated.pth")[head], weights_of(fold / "checkpoint_final.pth")[head]
     np.testing.assert_allclose(calibrated.numpy(), trained.numpy() * scale.reshape((-1,) + (1,) * (trained.ndim - 1)),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_find_best_configuration_ensemble_postprocessing_and_one_T_for_the_ensemble_of_configurations(resenc, tmp_path):
+    """nnU-Net's downstream commands on our trainers' outputs, and calibrate -c 2d 3d_fullres: one T fitted on the
+    averaged out-of-fold probabilities, applied by apply-temperature to nnUNetv2_ensemble's output."""
+    import pickle
+
+    nn, dataset = resenc
+    folds = {c: fold_of(nn, dataset, c) for c in ("2d", "3d_fullres")}
+    for configuration in folds:
+        nn.train(506, configuration, TRAINER, "0", "-p", PLANS, "--val", "--npz")
+    nn.run("nnUNetv2_find_best_configuration", "506", "-c", "2d", "3d_fullres", "-tr", TRAINER, "-p", PLANS, "-f", "0",
+           "-np", "1")
+    information = json.loads((nn.results / dataset / "inference_information.json").read_text())
+    best = information["best_model_or_ensemble"]
+    assert best["postprocessing_file"].endswith("postprocessing.pkl")
+
+    nn.run("nnunet-mbls", "calibrate", "-d", "506", "-c", "2d", "3d_fullres", "-f", "0", "-tr", TRAINER, "-p", PLANS)
+    name = f"ensemble___{TRAINER}__{PLANS}__2d___{TRAINER}__{PLANS}__3d_fullres___0"
+    record = json.loads((nn.results / dataset / "ensembles" / name / "calibration.json").read_text())
+    T = record["temperature"]
+    assert record["configurations"] == [folds["2d"].parent.name, folds["3d_fullres"].parent.name]
+
+    cases = sorted(p.name[: -len(".npz")] for p in (folds["2d"] / "validation").glob("*.npz"))
+    averaged, labels = {}, {}
+    for case in cases:
+        averaged[case] = np.mean([np.load(f / "validation" / f"{case}.npz")["probabilities"].astype(np.float64)
+                                  for f in folds.values()], axis=0)
+        box = pickle.loads((folds["2d"] / "validation" / f"{case}.pkl").read_bytes())["bbox_used_for_cropping"]
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(str(nn.preprocessed / dataset / "gt_segmentations" / f"{case}.nii.gz")))
+        labels[case] = (tuple(slice(a, b) for a, b in box), ref)
+
+    def nll(t: float) -> float:  # mean NLL of normalize(p^(1/t)) over every crop-box voxel of the cases
+        total, n = 0.0, 0
+        for case, p in averaged.items():
+            inside, ref = labels[case]
+            q = np.clip(p[(slice(None), *inside)], 1e-12, 1) ** (1 / t)
+            q /= q.sum(0, keepdims=True)
+            total -= np.log(np.take_along_axis(q, ref[inside][None].astype(np.int64), 0).clip(1e-12)).sum()
+            n += ref[inside].size
+        return total / n
+
+    assert record["fit"]["subsample_size"] == sum(labels[c][1][labels[c][0]].size for c in cases)  # every voxel
+    assert nll(T) <= min(nll(T * 1.05), nll(T / 1.05))  # T minimises the ensemble's NLL
+
+    ensemble, calibrated = tmp_path / "ensemble", tmp_path / "calibrated"
+    predictions = []  # each configuration's out-of-fold .npz as a prediction folder (nnUNetv2_predict adds the jsons)
+    for configuration, fold in folds.items():
+        predicted = tmp_path / configuration
+        predicted.mkdir()
+        for f in [*fold.glob("validation/*.npz"), *fold.glob("validation/*.pkl"), fold.parent / "dataset.json",
+                  fold.parent / "plans.json"]:
+            (predicted / f.name).symlink_to(f)
+        predictions.append(str(predicted))
+    nn.run("nnUNetv2_ensemble", "-i", *predictions, "-o", str(ensemble), "--save_npz", "-np", "1")
+    nn.run("nnunet-mbls", "apply-temperature", "-i", str(ensemble), "-o", str(calibrated), "--calibration-json",
+           str(nn.results / dataset / "ensembles" / name / "calibration.json"))
+    for case, p in averaged.items():
+        expected = p ** (1 / T)
+        expected /= expected.sum(0, keepdims=True)
+        np.testing.assert_allclose(np.load(calibrated / f"{case}.npz")["probabilities"], expected, atol=1e-5)
+
+    postprocessed = tmp_path / "postprocessed"
+    nn.run("nnUNetv2_apply_postprocessing", "-i", str(ensemble), "-o", str(postprocessed), "-pp_pkl_file",
+           best["postprocessing_file"], "-np", "1", "-plans_json", str(folds["2d"].parent / "plans.json"))
+    for case in cases:
+        segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(postprocessed / f"{case}.nii.gz")))
+        assert segmentation.shape == labels[case][1].shape and set(np.unique(segmentation)) <= {0, 1, 2, 3}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The calibration step on both cascade stages (3d_lowres -> 3d_cascade_fullres), on a generated dataset for which
+# nnU-Net 2.8.1 plans the cascade: too slow for the test suite on 2 CPU cores (~15 min), run by hand:
+#   bash benchmarks/cascade_check.sh [WORKDIR]
+# Prints each stage's fitted T and the checkpoint calibration.json names.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${1:-$(mktemp -d)}
+export nnUNet_raw=$WORK/raw nnUNet_preprocessed=$WORK/pre nnUNet_results=$WORK/res nnUNet_compile=f nnUNet_def_n_proc=1
+eval "$(nnunet-mbls env)"
+export nnUNet_extTrainer=$nnUNet_extTrainer:$REPO/tests/ext_trainers
+T=nnUNetTrainerMbLS_nomirror_test
+nnunet-mbls dataset synthetic --id 508 -n 6 --shape 128 192 192 > /dev/null
+nnUNetv2_extract_fingerprint -d 508 -np 1 > /dev/null
+nnUNetv2_plan_experiment -d 508 -gpu_memory_target 1 > /dev/null   # plans 3d_lowres (1.6 mm) and 3d_cascade_fullres
+nnUNetv2_preprocess -d 508 -c 3d_lowres 3d_fullres -np 1 1 > /dev/null
+python - "$nnUNet_preprocessed" <<'PY'
+import json, sys, glob
+folder = glob.glob(f"{sys.argv[1]}/Dataset508_*")[0]
+plans = json.load(open(f"{folder}/nnUNetPlans.json"))["configurations"]
+assert plans["3d_lowres"]["next_stage"] == "3d_cascade_fullres", plans.keys()
+cases = ["case_%04d" % i for i in range(6)]  # two folds of three cases
+json.dump([{"train": cases[3:], "val": cases[:3]}, {"train": cases[:3], "val": cases[3:]}], open(f"{folder}/splits_final.json", "w"))
+PY
+export nnUNet_n_proc_DA=0
+for fold in 0 1; do nnUNetv2_train 508 3d_lowres $fold -tr $T -device cpu > /dev/null; done  # every case's low-res prediction
+nnUNetv2_train 508 3d_cascade_fullres 0 -tr $T -device cpu > /dev/null
+for c in 3d_lowres 3d_cascade_fullres; do
+  python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], 'T =', round(d['temperature'], 4), d['source_checkpoint']['file'])" \
+    "$nnUNet_results"/Dataset508_*/${T}__nnUNetPlans__$c/fold_0/calibration.json $c
+done
