@@ -17,26 +17,15 @@ float32, never mutates its inputs, and averages over the (voxel, region) pairs o
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from .base import check_ignore_label, check_non_negative, check_unit_interval, float32_no_autocast
+from .base import SegmentationLoss, check_non_negative, check_unit_interval, float32_no_autocast
 
 
-class RegionLoss(nn.Module):
-    """Base class: holds ``ignore_label`` and splits nnU-Net's region target into targets and the voxel mask."""
-
-    def __init__(self, ignore_label: int | None = None) -> None:
-        super().__init__()
-        self.ignore_label = check_ignore_label(ignore_label)
-
-    @property
-    def hyper_parameters(self) -> dict[str, float]:
-        """Hyper-parameters of the loss, for logs and tables (``ignore_label`` not included)."""
-        return {}
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in {**self.hyper_parameters, "ignore_label": self.ignore_label}.items())
+class RegionLoss(SegmentationLoss):
+    """Base class: ``ignore_label`` and the hyper-parameter listing as :class:`SegmentationLoss`; :meth:`prepare`
+    splits nnU-Net's region target (not a label map) into targets and the voxel mask."""
 
     def prepare(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """(logits float32 (B, R, *spatial), region targets float32 (B, R, *spatial), mask (B, 1, *spatial) of the

@@ -71,6 +71,25 @@ class NnUNet:
             raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-6000:]}")
         return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), seen, polls
 
+    def predict_probabilities(self, dataset_id: int, dataset: str, case: str, configuration: str, trainer: str,
+                              checkpoints: tuple[str, ...], work: Path, plans: str = "nnUNetPlans") -> dict:
+        """``nnUNetv2_predict --save_probabilities`` of one training case with each checkpoint:
+        {checkpoint: probabilities (C, *spatial) as nnU-Net exported them}. The case's image is linked into
+        ``work/in``."""
+        import numpy as np
+
+        inputs = work / "in"
+        inputs.mkdir(exist_ok=True)
+        image = self.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz"
+        (inputs / image.name).symlink_to(image)
+        out = {}
+        for checkpoint in checkpoints:
+            self.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(work / checkpoint), "-d", str(dataset_id), "-c",
+                     configuration, "-f", "0", "-tr", trainer, "-p", plans, "-chk", checkpoint, "--save_probabilities",
+                     "-device", "cpu", "-npp", "0", "-nps", "0")
+            out[checkpoint] = np.load(work / checkpoint / f"{case}.npz")["probabilities"]
+        return out
+
     def fold_folder(self, dataset_folder: str, trainer: str, configuration: str, fold: int = 0) -> Path:
         return self.results / dataset_folder / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
 

@@ -96,15 +96,9 @@ def test_calibrated_probabilities_are_sigmoid_of_logit_over_T_and_refusals_name_
     nn, dataset, fold, _ = regions
     T = np.array(list(json.loads((fold / "calibration.json").read_text())["region_temperatures"].values()))
     case = "case_0000"
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    image = nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz"
-    (inputs / image.name).symlink_to(image)
-    out = {}
-    for checkpoint in ("checkpoint_final.pth", "checkpoint_final_calibrated.pth"):
-        nn.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(tmp_path / checkpoint), "-d", "507", "-c", "3d_fullres",
-               "-f", "0", "-tr", TRAINER, "-chk", checkpoint, "--save_probabilities", "-device", "cpu", "-npp", "0", "-nps", "0")
-        out[checkpoint] = np.load(tmp_path / checkpoint / f"{case}.npz")["probabilities"].astype(np.float64)
+    inputs, image = tmp_path / "in", nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz"
+    out = {k: v.astype(np.float64) for k, v in nn.predict_probabilities(
+        507, dataset, case, "3d_fullres", TRAINER, ("checkpoint_final.pth", "checkpoint_final_calibrated.pth"), tmp_path).items()}
     p = np.clip(out["checkpoint_final.pth"], 1e-7, 1 - 1e-7)
     expected = 1 / (1 + np.exp(-np.log(p / (1 - p)) / T.reshape(-1, 1, 1, 1)))
     weight = sliding_window_weight(nn.preprocessed / dataset / "nnUNetPlans.json", "3d_fullres", [image])

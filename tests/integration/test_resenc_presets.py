@@ -62,17 +62,9 @@ def test_calibrated_probabilities_and_maps_equal_nnunet_probabilities_to_the_pow
     fold = fold_of(nn, dataset, "3d_fullres")
     T = json.loads((fold / "calibration.json").read_text())["temperature"]
     case = "case_0001"
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    image = nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz"
-    (inputs / image.name).symlink_to(image)
-    probabilities = {}
-    for checkpoint in ("checkpoint_final.pth", "checkpoint_final_calibrated.pth"):
-        out = tmp_path / checkpoint
-        nn.run("nnUNetv2_predict", "-i", str(inputs), "-o", str(out), "-d", "506", "-c", "3d_fullres", "-f", "0",
-               "-tr", TRAINER, "-p", PLANS, "-chk", checkpoint, "--save_probabilities", "-device", "cpu",
-               "-npp", "0", "-nps", "0")
-        probabilities[checkpoint] = np.load(out / f"{case}.npz")["probabilities"]
+    inputs, image = tmp_path / "in", nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz"
+    probabilities = nn.predict_probabilities(506, dataset, case, "3d_fullres", TRAINER,
+                                             ("checkpoint_final.pth", "checkpoint_final_calibrated.pth"), tmp_path, PLANS)
     expected = probabilities["checkpoint_final.pth"] ** (1 / T)
     expected /= expected.sum(0, keepdims=True)
     weight = sliding_window_weight(nn.preprocessed / dataset / f"{PLANS}.json", "3d_fullres", [image])
