@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import apply_temperature, benchmark, calibrate, dataset, demo, env, evaluate, maps, predict, trainers
+from . import apply_temperature, benchmark, calibrate, conformal, dataset, demo, env, evaluate, maps, predict, trainers
 from .options import default_device
 
 __all__ = ["main", "build_parser", "default_device"]
 
 #: the commands in the order ``--help`` lists them
-COMMANDS = (env, trainers, evaluate, calibrate, apply_temperature, predict, maps, benchmark, demo, dataset)
+COMMANDS = (env, trainers, evaluate, calibrate, apply_temperature, conformal, predict, maps, benchmark, demo, dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:

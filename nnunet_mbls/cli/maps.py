@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.saved_maps import maps_from_probabilities
 
     qc = maps_from_probabilities(args.i, args.o, temperature=args.t, calibration_json=args.calibration_json,
-                                 maps=args.maps, maps_dtype=args.maps_dtype, flag_rule=flag_rule_from(args))
+                                 maps=args.maps, maps_dtype=args.maps_dtype, flag_rule=flag_rule_from(args),
+                                 conformal_json=args.conformal_json)
     print_qc_summary(qc)
     return 0

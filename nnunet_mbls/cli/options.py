@@ -87,6 +87,8 @@ def add_map_and_flag_options(p: argparse.ArgumentParser, default_maps) -> None:
     p.add_argument("--flag-score", choices=list(SCORE_DIRECTION),
                    help="QC score of the flag rule (default: mean_fold_dice < 0.8 with >= 2 folds, else mean_entropy_fg > 0.3)")
     p.add_argument("--flag-threshold", type=float, help="threshold of --flag-score (entropies: flag above; Dice: flag below)")
+    p.add_argument("--conformal-json", help="a conformal.json of nnunet-mbls conformal: write its masks into maps/, its volume "
+                                            "intervals into qc.csv, and flag with its acceptance rule")
 
 
 def flag_rule_from(args: argparse.Namespace):

@@ -30,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     qc = predict(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, checkpoint=args.chk, calibrated=args.calibrated,
                  maps=args.maps or (), maps_dtype=args.maps_dtype, device=args.device, step_size=args.step_size,
-                 disable_tta=args.disable_tta, num_processes_preprocessing=args.npp, flag_rule=flag_rule_from(args))
+                 disable_tta=args.disable_tta, num_processes_preprocessing=args.npp, flag_rule=flag_rule_from(args),
+                 conformal_json=args.conformal_json)
     print_qc_summary(qc)
     return 0

@@ -95,6 +95,14 @@ class MapWriter:
         return atomic_write(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
+    def write_mask(self, case: str, suffix: str, mask: np.ndarray, template: sitk.Image) -> Path:
+        """Write a binary mask as uint8 0/1 ``<case>_<suffix>.nii.gz`` (atomically), in ``template``'s geometry."""
+        array = mask.reshape(mask.shape[-template.GetDimension():]) if template.GetDimension() < mask.ndim else mask
+        image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
+        image.CopyInformation(template)
+        return atomic_write(self.folder / f"{case}_{suffix}{SUFFIX}", lambda tmp: sitk.WriteImage(image, tmp, True))
+
+
 def _write_scaled_uint8(quantised: np.ndarray, template: sitk.Image, tmp: str) -> None:
     """uint8 voxels with NIfTI scl_slope = 1/255 (SimpleITK writes no slope; nibabel sets it)."""
     import nibabel

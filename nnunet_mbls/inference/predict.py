@@ -24,8 +24,9 @@ from ..calibration.files import read_calibration_temperature
 from ..errors import InputError
 from ..io import atomic_write, atomic_write_json, refuse_outputs_over_inputs
 from ..layout import CALIBRATED_CHECKPOINT, CHECKPOINT_FINAL, FoldFolder
+from .conformal_outputs import ConformalOutputs, pick_flag_rule
 from .maps import MapWriter, check_map_request, write_case_maps
-from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, default_flag_rule, write_qc_table
+from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, write_qc_table
 from .uncertainty import FoldStatistics, entropy
 
 
@@ -251,7 +252,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             checkpoint: str | None = None, calibrated: bool = False, maps: Sequence[str] = (),
             maps_dtype: str = "float32", device: str = "cuda", step_size: float = 0.5, disable_tta: bool = False,
             num_processes_preprocessing: int = 3, flag_rule: FlagRule | None = None,
-            boundary_width: int = DEFAULT_BOUNDARY_WIDTH) -> Path:
+            boundary_width: int = DEFAULT_BOUNDARY_WIDTH, conformal_json: str | os.PathLike | None = None) -> Path:
     """``nnunet-mbls predict``: segmentations, maps and QC of a folder of images. See the module docstring and
     the README.
 
@@ -275,6 +276,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             sequentially in this process.
         flag_rule: the QC flag rule; None (default) uses :func:`~nnunet_mbls.inference.qc.default_flag_rule`.
         boundary_width: half-width in voxels of the boundary band of ``mean_entropy_boundary`` (default 2).
+        conformal_json: a ``conformal.json`` (``nnunet-mbls conformal``) whose masks, volume intervals and
+            acceptance rule are applied (:mod:`~nnunet_mbls.inference.conformal_outputs`).
 
     Returns:
         The path of ``qc.csv``.
@@ -291,18 +294,23 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
+    import SimpleITK as sitk
+
     from ..geometry import network_to_original
 
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     dataset_name = maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
     model_folder = Path(get_output_folder(dataset_name, trainer, plans, configuration))
-    check_folders(input_folder, output_folder, [model_folder / "dataset.json", model_folder / "plans.json"])
+    check_folders(input_folder, output_folder, [model_folder / "dataset.json", model_folder / "plans.json",
+                                                *([Path(conformal_json)] if conformal_json is not None else [])])
     if not model_folder.is_dir():
         raise PredictionInputError(f"no trained model in {model_folder}; check -d/-c/-tr/-p or train first")
     models = resolve_folds(model_folder, folds, checkpoint, calibrated, dataset_name, configuration, trainer, plans)
     plans_json = json.loads((model_folder / "plans.json").read_text())
     check_map_request(maps, maps_dtype, plans_json.get("image_reader_writer"))
-    rule = flag_rule or default_flag_rule(len(models.folds))
+    num_classes = len([k for k in json.loads((model_folder / "dataset.json").read_text())["labels"] if k != "ignore"])
+    conformal = ConformalOutputs(conformal_json, num_classes) if conformal_json is not None else None
+    rule = pick_flag_rule(flag_rule, conformal, len(models.folds))
     if rule.score == "mean_fold_dice" and len(models.folds) < 2:
         raise PredictionInputError("--flag-score mean_fold_dice needs at least 2 folds (-f 0 1 ...); choose an entropy score")
 
@@ -354,17 +362,18 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         h = entropy(probabilities)
         if mi is not None:
             mi = network_to_original(mi, properties, predictor.plans_manager, predictor.configuration_manager)[0]
+        template = sitk.ReadImage(str(seg_file)) if maps or conformal is not None else None
         if maps:
-            import SimpleITK as sitk
-
-            write_case_maps(writer, case, probabilities, sitk.ReadImage(str(seg_file)), maps, foreground, h, mi)
+            write_case_maps(writer, case, probabilities, template, maps, foreground, h, mi)
         fold_dice = stats.fold_dice(sorted(foreground)) if len(models.folds) >= 2 else None
         rows[case] = case_scores(segmentation, probabilities, properties["spacing"], foreground, boundary_width,
                                  fold_dice, h)
+        if conformal is not None:
+            rows[case].update(conformal.write_case(writer, case, probabilities, template, properties["spacing"]))
     settings = {"command": "predict", "model": str(model_folder), "folds": models.folds, "checkpoint": models.checkpoint,
                 "calibration": models.calibration, "temperatures_applied_to_logits": models.temperatures,
                 "tta": not disable_tta, "step_size": step_size, "maps": list(maps), "maps_dtype": maps_dtype,
-                "boundary_width": boundary_width}
+                "boundary_width": boundary_width, **(conformal.settings() if conformal is not None else {})}
     return write_qc_table(rows, rule, output_folder, settings)
 
 

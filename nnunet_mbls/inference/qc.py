@@ -42,15 +42,20 @@ DEFAULT_BOUNDARY_WIDTH = 2
 
 @dataclass(frozen=True)
 class FlagRule:
-    """Flag a case when ``score`` is beyond ``threshold`` (above for entropies, below for Dice) or NaN."""
+    """Flag a case when ``score`` is beyond ``threshold`` (above for entropies, below for Dice) or NaN.
+
+    ``threshold`` None flags every case (an acceptance rule that certified no threshold); ``guarantee`` is the
+    statement of a conformal acceptance rule (``nnunet-mbls conformal``), written into ``qc.json``.
+    """
 
     score: str
-    threshold: float
+    threshold: float | None
+    guarantee: str | None = None
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_DIRECTION:
             raise ValueError(f"flag score {self.score!r} is unknown; choose one of {', '.join(SCORE_DIRECTION)}")
-        if not math.isfinite(self.threshold):
+        if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"flag threshold must be a finite number, got {self.threshold!r}")
 
     def flags(self, scores: Mapping[str, float]) -> bool:
@@ -60,17 +65,22 @@ class FlagRule:
             scores: the case's scores (:func:`case_scores`), holding :attr:`score`.
 
         Returns:
-            True when the score is beyond the threshold (above for entropies, below for Dice) or NaN.
+            True when the score is beyond the threshold (above for entropies, below for Dice) or NaN, or when
+            there is no threshold.
         """
         value = float(scores[self.score])
-        if math.isnan(value):
+        if math.isnan(value) or self.threshold is None:
             return True
         return value > self.threshold if SCORE_DIRECTION[self.score] else value < self.threshold
 
     def describe(self) -> str:
         """The rule as one sentence, for ``qc.json`` (e.g. ``flag = 1 when mean_entropy_fg > 0.3 or ...``)."""
-        op = ">" if SCORE_DIRECTION[self.score] else "<"
-        return f"flag = 1 when {self.score} {op} {self.threshold:g} or when it cannot be computed (NaN)"
+        if self.threshold is None:
+            text = f"flag = 1 for every case: no threshold of {self.score} is certified"
+        else:
+            op = ">" if SCORE_DIRECTION[self.score] else "<"
+            text = f"flag = 1 when {self.score} {op} {self.threshold:g} or when it cannot be computed (NaN)"
+        return text + (f"; guarantee of the accepted (flag = 0) cases: {self.guarantee}" if self.guarantee else "")
 
 
 def default_flag_rule(num_folds: int) -> FlagRule:
@@ -167,7 +177,8 @@ def write_qc_table(rows: Mapping[str, Mapping[str, float]], rule: FlagRule, out_
         "scores": {"volume_ml_<label>": "predicted volume per foreground label (ml)",
                    "mean_entropy_fg": "mean predictive entropy (nats) over the predicted foreground",
                    "mean_entropy_boundary": "mean predictive entropy (nats) within the band around predicted boundaries",
-                   "mean_fold_dice": "mean pairwise Dice between the folds' segmentations (network grid, crop box)"},
+                   "mean_fold_dice": "mean pairwise Dice between the folds' segmentations (network grid, crop box)",
+                   "volume_ml_<label>_low/_high": "conformal volume interval (ml), with --conformal-json"},
         "num_flagged": sum(flagged.values()),
         "cases": {case: dict(scores, flag=flagged[case]) for case, scores in rows.items()},
     })

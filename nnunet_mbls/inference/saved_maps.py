@@ -12,14 +12,16 @@ from ..calibration.files import read_calibration_temperature
 from ..io import refuse_outputs_over_inputs, staged_output
 from .maps import MapWriter, check_map_request, write_case_maps
 from .predict import PredictionInputError
-from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, default_flag_rule, write_qc_table
+from .conformal_outputs import ConformalOutputs, pick_flag_rule
+from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, write_qc_table
 from .uncertainty import entropy
 
 
 def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str | os.PathLike,
                             temperature: float | None = None, calibration_json: str | os.PathLike | None = None,
                             maps: Sequence[str] = ("probabilities",), maps_dtype: str = "float32",
-                            flag_rule: FlagRule | None = None, boundary_width: int = DEFAULT_BOUNDARY_WIDTH) -> Path:
+                            flag_rule: FlagRule | None = None, boundary_width: int = DEFAULT_BOUNDARY_WIDTH,
+                            conformal_json: str | os.PathLike | None = None) -> Path:
     """``nnunet-mbls maps``: maps and QC from a ``nnUNetv2_predict --save_probabilities`` folder.
 
     Each ``<case>.npz`` (probabilities on the image grid) needs its ``<case>.pkl`` (spacing) and the
@@ -38,6 +40,8 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
         maps_dtype: ``"float32"`` (default) or ``"uint8"``.
         flag_rule: the QC flag rule; None (default) uses the one-fold default; ``mean_fold_dice`` is refused.
         boundary_width: half-width in voxels of the boundary band of ``mean_entropy_boundary`` (default 2).
+        conformal_json: a ``conformal.json`` (``nnunet-mbls conformal``): its masks, volume intervals and
+            acceptance rule are applied (:mod:`~nnunet_mbls.inference.conformal_outputs`).
 
     Returns:
         The path of ``qc.csv``.
@@ -60,8 +64,8 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
     input_folder, output_folder = Path(input_folder), Path(output_folder)
     if not input_folder.is_dir():
         raise PredictionInputError(f"-i {input_folder} is not a folder; pass a nnUNetv2_predict --save_probabilities output")
-    refuse_outputs_over_inputs({"-o": output_folder}, {"--calibration-json": calibration_json or []},
-                               {"-i": input_folder})
+    refuse_outputs_over_inputs({"-o": output_folder}, {"--calibration-json": calibration_json or [],
+                                                       "--conformal-json": conformal_json or []}, {"-i": input_folder})
     if temperature is not None and calibration_json is not None:
         raise PredictionInputError("pass either -t T or --calibration-json F, not both")
     if calibration_json is not None:
@@ -86,7 +90,8 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
                                            f"nnUNetv2_predict writes next to each .npz")
     labels = {k: v for k, v in dataset_json["labels"].items() if k != "ignore"}
     foreground = {int(v): k for k, v in labels.items() if int(v) != 0}
-    rule = flag_rule or default_flag_rule(1)
+    conformal = ConformalOutputs(conformal_json, len(labels)) if conformal_json is not None else None
+    rule = pick_flag_rule(flag_rule, conformal, 1)
     if rule.score == "mean_fold_dice":
         raise PredictionInputError("--flag-score mean_fold_dice needs the folds' predictions: use nnunet-mbls predict")
     rows = {}
@@ -107,7 +112,10 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
             write_case_maps(writer, case, probabilities, template, maps, foreground, h)
             rows[case] = case_scores(segmentation, probabilities, properties["spacing"], foreground, boundary_width,
                                      entropy_map=h)
+            if conformal is not None:
+                rows[case].update(conformal.write_case(writer, case, probabilities, template, properties["spacing"]))
         settings = {"command": "maps", "input": str(input_folder), "temperature": temperature, "maps": list(maps),
-                    "maps_dtype": maps_dtype, "boundary_width": boundary_width}
+                    "maps_dtype": maps_dtype, "boundary_width": boundary_width,
+                    **(conformal.settings() if conformal is not None else {})}
         write_qc_table(rows, rule, staging, settings)
     return output_folder / "qc.csv"

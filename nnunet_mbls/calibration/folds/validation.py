@@ -36,9 +36,11 @@ def statistics_export(trainer, region: str = METRIC_REGION, fit_region: str = FI
 
 
 def run_streamed_validation(dataset: str, configuration: str, fold: str, trainer: str, plans: str, device: str,
-                            region: str = METRIC_REGION, fit_region: str = FIT_REGION, seed: int = SEED) -> str:
+                            region: str = METRIC_REGION, fit_region: str = FIT_REGION, seed: int = SEED,
+                            job_of=None) -> str:
     """nnU-Net's final validation of ``checkpoint_final.pth`` (as ``nnUNetv2_train ... --val``), in this process,
-    streaming the statistics; returns the weights' id."""
+    streaming the statistics (or what ``job_of(trainer instance)``'s export streams: e.g. conformal curves);
+    returns the weights' id."""
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -48,7 +50,7 @@ def run_streamed_validation(dataset: str, configuration: str, fold: str, trainer
     instance = get_trainer_from_args(str(dataset), configuration, int(fold) if fold != "all" else fold, trainer, plans,
                                      device=torch.device(device))
     maybe_load_checkpoint(instance, continue_training=False, validation_only=True)
-    job = statistics_export(instance, region, fit_region, seed)
+    job = job_of(instance) if job_of is not None else statistics_export(instance, region, fit_region, seed)
     with streaming_validation_export(job):
         # the stock method: our trainers' own override would run the calibration step a second time
         nnUNetTrainer.perform_actual_validation(instance, save_probabilities=False)
