@@ -132,6 +132,28 @@ def aurc(risk, score) -> float:
     return float(np.mean(selective))
 
 
+def augrc(risk, score) -> float:
+    """Area under the generalized risk-coverage curve (Traub et al., NeurIPS 2024), discrete as :func:`aurc`.
+
+    The generalized risk at coverage ``k/n`` is the joint risk ``(1/n) * sum of the k most confident cases'
+    risks`` = ``(k/n) * r_k`` (not divided by the accepted cases only): it weighs a failure by how likely it is to
+    be accepted, so it does not reward rejecting a few very confident cases as AURC can. ``AUGRC = (1/n) *
+    sum_k (k/n) r_k``; ties as in :func:`risk_coverage`.
+
+    Args:
+        risk: shape (n,), the per-case risk (``1 - dice``).
+        score: shape (n,), uncertainty, higher = more doubtful.
+
+    Returns:
+        The AUGRC in [0, mean(risk)]; lower is better.
+
+    Raises:
+        ValueError: as :func:`risk_coverage`.
+    """
+    coverage, selective = risk_coverage(risk, score)
+    return float(np.mean(coverage * selective))
+
+
 def optimal_aurc(risk) -> float:
     """AURC of the optimal ranking: cases accepted in ascending true risk.
 
@@ -287,7 +309,7 @@ def _auroc_mann_whitney(failed: np.ndarray, score: np.ndarray) -> float:
 
 def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.ndarray], tau, *,
                                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """AURC, E-AURC and failure AUROC of every score, each with its bootstrap interval.
+    """AURC, E-AURC, AUGRC and failure AUROC of every score, each with its bootstrap interval.
 
     Risk is ``1 - dice``. Every interval of every score uses the same resamples (:func:`bootstrap_ci`
     with ``seed``). The AUROC point value is :func:`auroc_failure` (scikit-learn); inside the bootstrap
@@ -311,6 +333,7 @@ def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.
              "interval": {"method": "percentile bootstrap over cases", "n_boot": int, "seed": int, "level": float},
              "scores": {name: {"aurc":   {"value": float, "low": float, "high": float, "n_boot_used": int},
                                "e_aurc": {... same keys ...},
+                               "augrc":  {... same keys ...},
                                "auroc":  {... same keys ...},
                                "auroc_undefined_reason": str | None}}}
 
@@ -335,6 +358,7 @@ def summarise_failure_detection(dice, scores: Mapping[str, Sequence[float] | np.
         for key, value, fn, arrays in (
             ("aurc", aurc(risk, score), aurc, (risk, score)),
             ("e_aurc", e_aurc(risk, score), e_aurc, (risk, score)),
+            ("augrc", augrc(risk, score), augrc, (risk, score)),
             ("auroc", auroc, _auroc_mann_whitney, (failed, score)),
         ):
             low, high, used = bootstrap_ci(fn, *arrays, n_boot=n_boot, seed=seed, level=level)

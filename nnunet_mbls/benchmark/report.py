@@ -112,6 +112,7 @@ def markdown(dataset: str, results: dict, description: str = "") -> str:
                     fmt_diff(rows[trainer][f"{m}_{stage}_vs_baseline"], 2 if m == "hd95" else 4) for m in METRICS) + " |")
             out.append("")
     out += failure_markdown(results.get("failure_detection", {}))
+    out += conformal_lines(results.get("conformal", {}))
     if results["missing_cells"]:
         out += ["## Missing cells (not trained or not calibrated yet; rows above use only the finished folds)", ""]
         out += [f"- {m}" for m in results["missing_cells"]] + [""]
@@ -132,9 +133,11 @@ def failure_markdown(failure: dict) -> list[str]:
     out = ["## Failure detection: does the uncertainty of a case flag its poor segmentation?", "",
            "Risk = 1 − Dice (mean foreground Dice of the case). Cases ranked by a score (higher = more doubtful): AURC "
            "= mean over k of the mean risk of the k most confident cases (lower is better), E-AURC = AURC minus that "
-           f"of the perfect ranking (0 is perfect); AUROC for detecting cases with Dice < τ = {failure['tau']:.4f} "
+           "of the perfect ranking (0 is perfect), AUGRC = mean over k of the k most confident cases' summed risk / n "
+           "(the generalized risk of Traub et al. 2024: a failure counts as often as it is accepted); "
+           f"AUROC for detecting cases with Dice < τ = {failure['tau']:.4f} "
            f"({failure['tau_from']}). [95% bootstrap interval over cases]", "",
-           "| trainer | score | stage | cases (failures) | AURC | E-AURC | AUROC |", "|---|---|---|---|---|---|---|"]
+           "| trainer | score | stage | cases (failures) | AURC | E-AURC | AUGRC | AUROC |", "|---|---|---|---|---|---|---|---|"]
 
     def ci(stat: dict) -> str:
         """``value [low, high]``, or ``n/a`` when the value is undefined."""
@@ -148,7 +151,36 @@ def failure_markdown(failure: dict) -> list[str]:
             score, stage = name.rsplit("_", 1)
             stage = "as trained" if stage == "before" else "after T"
             out.append(f"| {trainer} | {score} | {stage} | {summary['n_cases']} ({summary['n_failures']}) | "
-                       f"{ci(stat['aurc'])} | {ci(stat['e_aurc'])} | {ci(stat['auroc'])} |")
+                       f"{ci(stat['aurc'])} | {ci(stat['e_aurc'])} | {ci(stat['augrc'])} | {ci(stat['auroc'])} |")
+    return out + [""]
+
+
+def conformal_lines(conformal: dict) -> list[str]:
+    """The conformal-guarantees section of ``results.md`` (:mod:`~nnunet_mbls.benchmark.conformal`)."""
+    from .conformal import MEASURES
+
+    if not conformal:
+        return []
+    any_stage = next((s for t in conformal.values() for s in t.values() if "alpha" in s), None)
+    out = ["## Conformal guarantees: how tight are they?", ""]
+    if any_stage is not None:
+        out += [f"Rules of `nnunet-mbls conformal` fitted at α = {any_stage['alpha']:g} on each trainer's out-of-fold "
+                f"cases (means over labels; smaller is tighter at the same guarantee); accepted: the fraction of cases "
+                f"the acceptance rule on mean_entropy_fg accepts with ≤ 10% failures (Dice < {any_stage['failure_dice']:.4f}) "
+                f"at δ = 0.1. [95% bootstrap interval over cases, rules refitted]", ""]
+    out += ["| trainer | stage | cases | " + " | ".join(d for d, _ in MEASURES.values()) + " | accepted |",
+            "|---|---|---|" + "---|" * (len(MEASURES) + 1)]
+    for trainer, stages in conformal.items():
+        for stage, stat in stages.items():
+            title = {"before": "as trained", "after": "after T (each fold's)", "shared": "after shared T"}[stage]
+            if "note" in stat:
+                out.append(f"| {trainer} | {title} | {stat['n_cases']} | " + " | ".join(["n/a"] * (len(MEASURES) + 1))
+                           + f" |  <!-- {stat['note']} -->")
+                continue
+            values = [stat[m] for m in (*MEASURES, "accepted_fraction")]
+            out.append(f"| {trainer} | {title} | {stat['n_cases']} | " + " | ".join(
+                "n/a" if math.isnan(v["value"]) else f"{v['value']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                for v in values) + " |")
     return out + [""]
 
 
@@ -177,9 +209,15 @@ def csv_text(results: dict) -> str:
         if trainer in ("tau", "tau_from") or "scores" not in summary:
             continue
         for name, stats in summary["scores"].items():
-            for metric in ("aurc", "e_aurc", "auroc"):
+            for metric in ("aurc", "e_aurc", "augrc", "auroc"):
                 writer.writerow([trainer, "failure_detection", f"{metric}:{name}", stats[metric]["value"],
                                  stats[metric]["low"], stats[metric]["high"], "", "", summary["n_cases"], "", ""])
+    for trainer, stages in results.get("conformal", {}).items():
+        for stage, stat in stages.items():
+            for name, value in stat.items():
+                if isinstance(value, dict):
+                    writer.writerow([trainer, f"conformal_{stage}", name, value["value"], value["low"], value["high"],
+                                     "", "", stat["n_cases"], "", ""])
     return buffer.getvalue()
 
 

@@ -201,7 +201,8 @@ def pooled_reliability(curves: list[dict]) -> dict:
     return out
 
 
-def build_results(cells: list[Cell], baseline: str | None, vector: bool = False, device: str = "cpu") -> dict:
+def build_results(cells: list[Cell], baseline: str | None, vector: bool = False, device: str = "cpu",
+                  conformal_alpha: float | None = None) -> dict:
     """Aggregate one dataset's cells into rows per trainer (see the module docstring).
 
     Args:
@@ -209,20 +210,23 @@ def build_results(cells: list[Cell], baseline: str | None, vector: bool = False,
         baseline: the trainer the others are compared with (paired differences, τ of failure detection);
             None or absent: no paired differences, and τ comes from the first trainer.
         vector: add the ``vector`` stage (default False).
-        device: the device of the vector-scaling fit (default ``"cpu"``).
+        device: the device of the vector-scaling fit and the conformal curves (default ``"cpu"``).
+        conformal_alpha: measure the conformal guarantees at this α (:mod:`~nnunet_mbls.benchmark.conformal`: one
+            more validation pass per fold and stage); None (default): not measured.
 
     Returns:
         ``baseline``, ``rows`` (trainer -> folds, temperatures, per stage and metric ``{mean, std, n}``, and
         ``<metric>_<stage>_vs_baseline``), ``missing_cells``, ``per_case``, ``reliability`` (pooled, as
-        trained), ``case_rows`` and ``failure_detection``.
+        trained), ``case_rows``, ``failure_detection`` and, with ``conformal_alpha``, ``conformal``.
     """
     by_trainer: dict[str, list[tuple[Cell, dict | None]]] = defaultdict(list)
     for cell in cells:
         by_trainer[cell.trainer].append((cell, load_cell(cell)))
     missing = [f"{c.label()}: {c.missing_reason()}" for entries in by_trainer.values() for c, d in entries if d is None]
-    rows, per_case, reliability, case_rows = {}, {}, {}, []
+    rows, per_case, reliability, case_rows, finished = {}, {}, {}, [], {}
     for trainer, entries in by_trainer.items():
         done = [(c, d) for c, d in entries if d is not None]
+        finished[trainer] = [c for c, _ in done]
         cases = {s: {case: v for _, d in done for case, v in d["cases"][s].items()} for s in ("before", "after")}
         shared = shared_stages(done, vector, device)
         cases.update({stage: content["cases"] for stage, content in shared.items()})
@@ -255,9 +259,16 @@ def build_results(cells: list[Cell], baseline: str | None, vector: bool = False,
                         {c: v.get(m, math.nan) for c, v in per_case[baseline][s].items()},
                         HIGHER_IS_BETTER[m],
                     )
-    return {"baseline": baseline, "rows": rows, "missing_cells": missing, "per_case": per_case,
-            "reliability": reliability, "case_rows": case_rows,
-            "failure_detection": failure_detection(case_rows, baseline)}
+    failure = failure_detection(case_rows, baseline)
+    results = {"baseline": baseline, "rows": rows, "missing_cells": missing, "per_case": per_case,
+               "reliability": reliability, "case_rows": case_rows, "failure_detection": failure}
+    if conformal_alpha is not None and failure:
+        from .conformal import conformal_of_trainer
+
+        results["conformal"] = {trainer: conformal_of_trainer(done, rows[trainer].get("shared_temperature"),
+                                                              conformal_alpha, failure["tau"], device)
+                                for trainer, done in finished.items() if done}
+    return results
 
 
 def failure_detection(case_rows: list[dict], baseline: str | None) -> dict:

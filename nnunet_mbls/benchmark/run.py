@@ -90,6 +90,7 @@ def run_benchmark(
     iterations: int | None = None,
     log: Callable[[str], None] = print,
     vector_scaling: bool = False,
+    conformal_alpha: float | None = None,
 ) -> dict[str, Path]:
     """Run the benchmark over the grid datasets × folds × trainers of one configuration.
 
@@ -112,6 +113,7 @@ def run_benchmark(
         iterations: iterations per epoch; None keeps the trainer's.
         log: called with one progress line at a time (default ``print``).
         vector_scaling: add the shared vector-scaling stage (default False).
+        conformal_alpha: measure how tight the conformal guarantees are at this α (default None: not measured).
 
     Returns:
         Dataset name -> path of its ``results.md``.
@@ -132,7 +134,8 @@ def run_benchmark(
                 log(f"FAILED {failures[-1]}")
     written = {}
     for dataset in dict.fromkeys(c.dataset for c in cells):
-        results = build_results([c for c in cells if c.dataset == dataset], baseline, vector_scaling, device)
+        results = build_results([c for c in cells if c.dataset == dataset], baseline, vector_scaling, device,
+                                conformal_alpha)
         written[dataset] = write_results(dataset, results, out / dataset, dataset_description(dataset))
     if failures:
         raise BenchmarkCellsFailed(failures, written)

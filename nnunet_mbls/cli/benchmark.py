@@ -18,6 +18,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vector-scaling", action="store_true",
                    help="add rows for vector scaling shared by each trainer's folds (one more inference pass over the "
                         "validation cases per fold; measured only, nothing is written into the folds)")
+    p.add_argument("--conformal", nargs="?", type=float, const=0.1, default=None, metavar="ALPHA",
+                   help="measure the conformal guarantees (nnunet-mbls conformal) per trainer, as trained and after T: "
+                        "mask sizes, volume-interval widths, accepted fraction at level ALPHA (default 0.1; one more "
+                        "validation pass per fold and stage)")
     p.add_argument("--epochs", type=int, help="override the trainers' number of epochs (short schedules; default: the trainer's)")
     p.add_argument("--iterations", type=int, help="override the iterations per epoch (default: the trainer's)")
     add_device_option(p, "device for training and validation (default: cuda if available, else cpu)")
@@ -52,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         written = run_benchmark(args.d, args.c, args.f, args.tr, args.p, train=args.train, collect_only=args.collect,
                                 baseline=args.baseline, out=args.o, device=args.device, epochs=args.epochs,
-                                iterations=args.iterations, vector_scaling=args.vector_scaling)
+                                iterations=args.iterations, vector_scaling=args.vector_scaling,
+                                conformal_alpha=args.conformal)
     except BenchmarkCellsFailed as failed:
         print_tables(failed.written)
         raise

@@ -120,7 +120,7 @@ def conformal_on_folds(dataset: str, configuration: str, folds: Sequence[str], t
             curves = _calibration_set_curves(model_folder, folds, calibration_set, dataset_json, num_classes, ignore,
                                              temperatures[0][0], device, step_size, disable_tta)
         else:
-            curves = _out_of_fold_curves(dataset, configuration, trainer, plans, fold_folders, temperatures,
+            curves = out_of_fold_curves(dataset, configuration, trainer, plans, fold_folders, temperatures,
                                          num_classes, ignore, device)
     source = {"route": "calibration set" if calibration_set else "out-of-fold validation", "model": str(model_folder),
               "folds": [str(f) for f in folds], "checkpoint": CHECKPOINT_FINAL,
@@ -136,7 +136,7 @@ def conformal_on_folds(dataset: str, configuration: str, folds: Sequence[str], t
     return fit_and_write(curves, names, risks, alpha, acceptance, num_classes, source, output_file)
 
 
-def _out_of_fold_curves(dataset, configuration, trainer, plans, fold_folders, temperatures, num_classes, ignore,
+def out_of_fold_curves(dataset, configuration, trainer, plans, fold_folders, temperatures, num_classes, ignore,
                         device) -> list[CaseCurves]:
     from ..calibration.folds.step import gt_folder_for
     from ..calibration.folds.validation import run_streamed_validation

@@ -367,3 +367,16 @@ def test_summary_without_failures_keeps_aurc_and_explains_auroc():
     assert math.isnan(entry["auroc"]["value"]) and entry["auroc"]["n_boot_used"] == 0
     assert "no failed case" in entry["auroc_undefined_reason"]
     assert math.isfinite(entry["aurc"]["value"]) and entry["aurc"]["n_boot_used"] == 20
+
+
+def test_augrc_equals_the_naive_generalized_risk_with_ties():
+    """AUGRC by explicit loops over every ordering consistent with the scores (ties enumerated), against
+    the closed form, and a hand value."""
+    from nnunet_mbls.benchmark.failure import augrc
+
+    risk, score = [0.4, 0.1, 0.0, 0.3], [0.5, 0.2, 0.2, 0.9]
+    expected = naive_expected_curve(risk, score)  # selective risks r_k
+    n = len(risk)
+    assert augrc(risk, score) == pytest.approx(sum(k / n * r for k, r in enumerate(expected, 1)) / n, rel=1e-12)
+    # no ties: order 1, 0, 3 -> joint risks 0.1/3, 0.5/3, 0.8/3 over n = 3 -> (0.1 + 0.5 + 0.8) / 9
+    assert augrc([0.4, 0.1, 0.3], [0.5, 0.2, 0.9]) == pytest.approx(1.4 / 9, rel=1e-12)

@@ -53,7 +53,7 @@ def test_benchmark_trains_calibrates_tabulates_and_resumes(trained_stock_3d, tmp
     assert paired["p"] == pytest.approx(wilcoxon(diff).pvalue)
     rows = list(csv.DictReader(open(folder / "results.csv")))
     assert len([r for r in rows if r["stage"] != "failure_detection"]) == 2 * 2 * 9  # trainers x stages x metrics
-    assert len([r for r in rows if r["stage"] == "failure_detection"]) == 2 * 4 * 3  # trainers x scores x statistics
+    assert len([r for r in rows if r["stage"] == "failure_detection"]) == 2 * 4 * 4  # trainers x scores x statistics
     # cases.csv: one row per (trainer, fold, case); its scores are those of nnunet-mbls maps' QC on the same files
     cases = list(csv.DictReader(open(folder / "cases.csv")))
     splits = json.loads((nn.preprocessed / dataset / "splits_final.json").read_text())

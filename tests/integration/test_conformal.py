@@ -126,3 +126,48 @@ def test_bad_alpha_and_too_few_cases_are_one_error_line(trained_stock_3d, tmp_pa
     line = one_error_line(nn.run(*base, "--alpha", "0.1", check=False), "conformal")
     assert "at least 9 calibration cases" in line and "got 2" in line and "add labelled cases" in line
     assert not (tmp_path / "c.json").exists()
+
+
+def test_calibration_set_route_equals_the_file_route_of_the_same_prediction(trained_stock_3d, tmp_path):
+    nn, dataset, fold = trained_stock_3d
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for label_file in sorted((nn.raw / dataset / "labelsTr").glob("*.nii.gz"))[:2]:
+        case = label_file.name[: -len(".nii.gz")]
+        (images / f"{case}_0000.nii.gz").symlink_to(nn.raw / dataset / "imagesTr" / f"{case}_0000.nii.gz")
+        (labels / label_file.name).symlink_to(label_file)
+    model = ("-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test")
+    nn.run("nnunet-mbls", "conformal", *model, "--calibration-set", str(images), str(labels), "--as-trained",
+           "-device", "cpu", "-o", str(tmp_path / "set.json"), "--alpha", str(ALPHA), "--no-acceptance")
+    nn.run("nnUNetv2_predict", "-i", str(images), "-o", str(tmp_path / "saved"), *model, "--save_probabilities",
+           "-device", "cpu", "-npp", "0", "-nps", "0")
+    nn.run("nnunet-mbls", "conformal", "-ref", str(labels), "-pred", str(tmp_path / "saved"), "-o",
+           str(tmp_path / "files.json"), "--alpha", str(ALPHA), "--no-acceptance")
+    streamed, files = (json.loads((tmp_path / f).read_text()) for f in ("set.json", "files.json"))
+    assert streamed["source"]["route"] == "calibration set" and streamed["cases"] == files["cases"]
+    assert "acceptance" not in streamed
+    for name in LABELS:
+        for risk in ("fnr", "fdr"):
+            assert abs(streamed["labels"][name][risk]["grid_index"] - files["labels"][name][risk]["grid_index"]) <= 1
+        assert abs(streamed["labels"][name]["volume"]["grid_steps"] - files["labels"][name]["volume"]["grid_steps"]) <= 1
+    assert not [p for p in (nn.results / dataset / "nnUNetTrainerStock_test__nnUNetPlans__3d_fullres").iterdir()
+                if p.name.startswith(".")]  # the calibration set's working folder is gone
+
+
+def test_benchmark_measures_the_guarantees_as_trained_and_after_t(trained_stock_3d, folder_record, tmp_path):
+    nn, dataset, fold = trained_stock_3d
+    record, _ = folder_record
+    out = tmp_path / "bench"
+    nn.run("nnunet-mbls", "benchmark", "-d", "501", "-c", "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test",
+           "--baseline", "nnUNetTrainerStock_test", "-device", "cpu", "-o", str(out), "--conformal", str(ALPHA))
+    results = json.loads((out / dataset / "results.json").read_text())
+    stages = results["conformal"]["nnUNetTrainerStock_test"]
+    assert set(stages) == {"before", "after"} and stages["before"]["n_cases"] == 2
+    # as trained: the same rule as the conformal command fitted on nnU-Net's .npz of the same cases
+    expected = np.mean([fit["fnr"]["mean_relative_volume"] for fit in record["labels"].values()])
+    assert stages["before"]["fnr_volume"]["value"] == pytest.approx(expected, rel=0.05)
+    assert stages["before"]["fnr_volume"]["low"] <= stages["before"]["fnr_volume"]["high"]
+    assert 0 <= stages["after"]["accepted_fraction"]["value"] <= 1
+    assert "## Conformal guarantees" in (out / dataset / "results.md").read_text()
+    assert "AUGRC" in (out / dataset / "results.md").read_text()
