@@ -125,3 +125,18 @@ def apply_temperature_to_folder(
             if pkl.is_file():
                 atomic_write(staging / pkl.name, lambda tmp: shutil.copyfile(pkl, tmp))
     return written
+
+
+def temperature_from_options(temperature: float | None, calibration_json: str | os.PathLike | None) -> float | None:
+    """The temperature of ``-t T`` or ``--calibration-json F`` (at most one of them), checked; None without either.
+
+    Raises:
+        InputError: both are given, or the value or file is bad (see :func:`check_temperature_value`,
+            :func:`read_calibration_temperature`).
+    """
+    if temperature is not None and calibration_json is not None:
+        raise InputError("pass either -t T or --calibration-json F, not both")
+    if calibration_json is not None:
+        return read_calibration_temperature(calibration_json)
+    return None if temperature is None else check_temperature_value(temperature, "-t")
+

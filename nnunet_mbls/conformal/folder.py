@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..calibration.conformal.curves import case_curves
 from ..calibration.evaluation.inputs import (EvaluationError, LabelInfo, check_case, find_dataset_json,
                                              load_probabilities, match_cases, read_reference, reader_for)
-from ..calibration.files import check_temperature_value, read_calibration_temperature
+from ..calibration.files import temperature_from_options
 from ..calibration.temperature import apply_temperature
 from ..inference.qc import DEFAULT_BOUNDARY_WIDTH, case_scores, voxel_volume_ml
 from ..io import read_json_file, refuse_outputs_over_inputs
@@ -46,12 +46,7 @@ def conformal_from_folders(ref_folder: str | os.PathLike, pred_folder: str | os.
     ref_folder, pred_folder, output_file = Path(ref_folder), Path(pred_folder), Path(output_file)
     refuse_outputs_over_inputs({"-o": output_file}, {"--calibration-json": calibration_json or []},
                                {"-ref": ref_folder, "-pred": pred_folder})
-    if temperature is not None and calibration_json is not None:
-        raise EvaluationError("pass either -t T or --calibration-json F, not both")
-    if calibration_json is not None:
-        temperature = read_calibration_temperature(calibration_json)
-    elif temperature is not None:
-        temperature = check_temperature_value(temperature, "-t")
+    temperature = temperature_from_options(temperature, calibration_json)
     pairs = match_cases(ref_folder, pred_folder, chill)
     dataset_json_file = find_dataset_json(pred_folder, ref_folder)
     if dataset_json_file is None:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..calibration.files import read_calibration_temperature
+from ..calibration.files import temperature_from_options
 from ..io import refuse_outputs_over_inputs, staged_output
 from .maps import MapWriter, check_map_request, write_case_maps
 from .predict import PredictionInputError
@@ -48,15 +48,14 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
 
     Raises:
         PredictionInputError: a missing input folder, ``dataset.json``, ``.npz`` files, ``.pkl`` or
-            segmentation; both ``temperature`` and ``calibration_json``; a ``mean_fold_dice`` flag rule.
-        InputError: a bad T or calibration file, an unreadable ``dataset.json``/``plans.json``, or a probability
+            segmentation; a ``mean_fold_dice`` flag rule.
+        InputError: both ``temperature`` and ``calibration_json``, a bad T or calibration file, an unreadable ``dataset.json``/``plans.json``, or a probability
             file that cannot be used.
         ValueError: outputs over the inputs, an unknown map kind or dtype, maps for a reorienting reader, or
             ``mutual_information`` among ``maps``.
     """
     import SimpleITK as sitk
 
-    from ..calibration.files import check_temperature_value
     from ..calibration.temperature import apply_temperature
     from ..io import read_json_file
     from ..probabilities import check_probabilities, load_probabilities
@@ -66,12 +65,7 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
         raise PredictionInputError(f"-i {input_folder} is not a folder; pass a nnUNetv2_predict --save_probabilities output")
     refuse_outputs_over_inputs({"-o": output_folder}, {"--calibration-json": calibration_json or [],
                                                        "--conformal-json": conformal_json or []}, {"-i": input_folder})
-    if temperature is not None and calibration_json is not None:
-        raise PredictionInputError("pass either -t T or --calibration-json F, not both")
-    if calibration_json is not None:
-        temperature = read_calibration_temperature(calibration_json)
-    elif temperature is not None:
-        temperature = check_temperature_value(temperature, "-t")
+    temperature = temperature_from_options(temperature, calibration_json)
     dataset_json_file = input_folder / "dataset.json"
     if not dataset_json_file.is_file():
         raise PredictionInputError(f"{dataset_json_file} is missing; nnUNetv2_predict writes it into its output folder")

@@ -10,7 +10,8 @@ From labelled held-out cases, under exchangeability of those cases with the case
 - ``acceptance``: a case-acceptance threshold on a QC score with a Learn-then-Test guarantee on the failure rate
   among accepted cases;
 - ``rules``: fitting all of them into ``conformal.json`` and applying it to a new case (masks, volume interval,
-  acceptance);
-- ``folder`` and ``trained``: where the cases come from (a ``nnUNetv2_predict --save_probabilities`` folder with
-  references, or trained folds' out-of-fold validation / a held-out calibration set).
+  acceptance).
+
+Where the cases come from (a ``nnUNetv2_predict --save_probabilities`` folder with references, or trained folds)
+is :mod:`nnunet_mbls.conformal`'s.
 """

@@ -143,7 +143,7 @@ def fit_rules(curves: Sequence[CaseCurves], label_names: Mapping[int, str], risk
 
 def acceptance_record(fit: AcceptanceFit, settings: Mapping) -> dict:
     """The acceptance rule as stored in ``conformal.json``."""
-    score, d = settings.get("score"), settings.get("failure_dice")
+    d = settings.get("failure_dice")
     text = (f"with probability >= {1 - fit.delta:g} over the {fit.num_cases} calibration cases, the fraction of accepted "
             f"cases with mean foreground Dice < {d:g} is <= {fit.max_failure_rate:g}")
     return {**dict(settings), "threshold": fit.threshold, "max_failure_rate": fit.max_failure_rate, "delta": fit.delta,
