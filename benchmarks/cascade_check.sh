@@ -29,3 +29,23 @@ for c in 3d_lowres 3d_cascade_fullres; do
   python -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], 'T =', round(d['temperature'], 4), d['source_checkpoint']['file'])" \
     "$nnUNet_results"/Dataset508_*/${T}__nnUNetPlans__$c/fold_0/calibration.json $c
 done
+# nnunet-mbls predict on the cascade: its calibrated probability maps against nnUNetv2_predict's with the same
+# calibrated checkpoint and the same low-res segmentations (-prev_stage_predictions), one case
+mkdir -p "$WORK/in"
+ln -sf "$nnUNet_raw"/Dataset508_*/imagesTr/case_0000_0000.nii.gz "$WORK/in/"
+P="-d 508 -f 0 -tr $T -device cpu"
+nnUNetv2_predict -i "$WORK/in" -o "$WORK/lowres" -c 3d_lowres $P -npp 0 -nps 0 > /dev/null
+nnUNetv2_predict -i "$WORK/in" -o "$WORK/cascade_nnunet" -c 3d_cascade_fullres $P -chk checkpoint_final_calibrated.pth \
+  -prev_stage_predictions "$WORK/lowres" --save_probabilities -npp 0 -nps 0 > /dev/null
+nnunet-mbls predict -i "$WORK/in" -o "$WORK/cascade_ours" -c 3d_cascade_fullres $P --calibrated --maps probabilities \
+  -prev_stage_predictions "$WORK/lowres" -npp 0 > /dev/null
+python - "$WORK" <<'PY'
+import sys, numpy as np, SimpleITK as sitk
+work = sys.argv[1]
+p = np.load(f"{work}/cascade_nnunet/case_0000.npz")["probabilities"]
+seg = lambda f: sitk.GetArrayFromImage(sitk.ReadImage(f))
+same = (seg(f"{work}/cascade_nnunet/case_0000.nii.gz") == seg(f"{work}/cascade_ours/case_0000.nii.gz")).mean()
+diff = max(np.abs(seg(f"{work}/cascade_ours/maps/case_0000_prob_{n}.nii.gz") - p[k]).max()
+           for k, n in ((1, "outer"), (2, "inner"), (3, "adjacent")))
+print(f"cascade predict --calibrated --maps vs nnUNetv2_predict: segmentation agreement {same:.6f}, max |dp| {diff:.2e}")
+PY

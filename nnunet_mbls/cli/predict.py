@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     add_device_option(p)
     add_sliding_window_options(p, step_help=f"sliding-window step as a fraction of the patch (default {STEP_SIZE})",
                                tta_help="no mirroring test-time augmentation")
+    p.add_argument("-prev_stage_predictions", help="cascade stages: folder of the previous stage's segmentations "
+                                                   "(as nnUNetv2_predict takes them)")
     p.add_argument("-npp", type=int, default=3, help="preprocessing worker processes (default 3; 0 = in this process)")
     p.set_defaults(func=run)
 
@@ -31,6 +33,6 @@ def run(args: argparse.Namespace) -> int:
     qc = predict(args.i, args.o, args.d, args.c, args.f, args.tr, args.p, checkpoint=args.chk, calibrated=args.calibrated,
                  maps=args.maps or (), maps_dtype=args.maps_dtype, device=args.device, step_size=args.step_size,
                  disable_tta=args.disable_tta, num_processes_preprocessing=args.npp, flag_rule=flag_rule_from(args),
-                 conformal_json=args.conformal_json)
+                 conformal_json=args.conformal_json, prev_stage_predictions=args.prev_stage_predictions)
     print_qc_summary(qc)
     return 0

@@ -229,21 +229,30 @@ def _fold_loop_logits(predictor, data: torch.Tensor, temperatures: Sequence[floa
     return prediction
 
 
-def _preprocessed_cases(predictor, list_of_lists, output_truncated, num_processes: int) -> Iterator[dict]:
-    """nnU-Net's preprocessing: its background iterator, or its sequential ``run_case`` with ``-npp 0``."""
+def _preprocessed_cases(predictor, list_of_lists, output_truncated, num_processes: int,
+                        previous_stage: list[str] | None = None) -> Iterator[dict]:
+    """nnU-Net's preprocessing: its background iterator, or its sequential ``run_case`` with ``-npp 0`` (for a
+    cascade stage with the previous stage's segmentation one-hot encoded behind the image channels, as nnU-Net's
+    iterator does)."""
     if num_processes > 0:
         for item in predictor._internal_get_data_iterator_from_lists_of_filenames(
-                list_of_lists, None, output_truncated, num_processes):
+                list_of_lists, previous_stage, output_truncated, num_processes):
             data = item["data"]
             if isinstance(data, str):  # nnU-Net hands large arrays over as temporary .npy files
                 path, data = data, torch.from_numpy(np.load(data))
                 os.remove(path)
             yield {"data": data, "data_properties": item["data_properties"], "ofile": item["ofile"]}
         return
+    from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+
     preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
-    for files, ofile in zip(list_of_lists, output_truncated):
-        data, _, properties = preprocessor.run_case(files, None, predictor.plans_manager,
-                                                    predictor.configuration_manager, predictor.dataset_json)
+    for i, (files, ofile) in enumerate(zip(list_of_lists, output_truncated)):
+        seg_file = previous_stage[i] if previous_stage is not None else None
+        data, seg, properties = preprocessor.run_case(files, seg_file, predictor.plans_manager,
+                                                      predictor.configuration_manager, predictor.dataset_json)
+        if seg_file is not None:
+            data = np.vstack((data, convert_labelmap_to_one_hot(seg[0], predictor.label_manager.foreground_labels,
+                                                                 data.dtype)))
         yield {"data": torch.from_numpy(data), "data_properties": properties, "ofile": ofile}
 
 
@@ -252,7 +261,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
             checkpoint: str | None = None, calibrated: bool = False, maps: Sequence[str] = (),
             maps_dtype: str = "float32", device: str = "cuda", step_size: float = 0.5, disable_tta: bool = False,
             num_processes_preprocessing: int = 3, flag_rule: FlagRule | None = None,
-            boundary_width: int = DEFAULT_BOUNDARY_WIDTH, conformal_json: str | os.PathLike | None = None) -> Path:
+            boundary_width: int = DEFAULT_BOUNDARY_WIDTH, conformal_json: str | os.PathLike | None = None,
+            prev_stage_predictions: str | os.PathLike | None = None) -> Path:
     """``nnunet-mbls predict``: segmentations, maps and QC of a folder of images. See the module docstring and
     the README.
 
@@ -278,13 +288,16 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
         boundary_width: half-width in voxels of the boundary band of ``mean_entropy_boundary`` (default 2).
         conformal_json: a ``conformal.json`` (``nnunet-mbls conformal``) whose masks, volume intervals and
             acceptance rule are applied (:mod:`~nnunet_mbls.inference.conformal_outputs`).
+        prev_stage_predictions: for a cascade stage (``3d_cascade_fullres``), the folder of the previous stage's
+            segmentations (``<case><ending>``), as ``nnUNetv2_predict -prev_stage_predictions``.
 
     Returns:
         The path of ``qc.csv``.
 
     Raises:
         PredictionInputError: a missing input folder or trained model, outputs over inputs, missing or
-            unloadable checkpoints or calibrations, ``mean_fold_dice`` with one fold, a cascade configuration,
+            unloadable checkpoints or calibrations, ``mean_fold_dice`` with one fold, a cascade stage without
+            ``prev_stage_predictions`` (or them without a cascade stage, or a case without its segmentation there),
             no input images, or a case with the wrong channel files.
         InputError: with ``calibrated``, a ``calibration.json`` that cannot be read (see :func:`resolve_folds`).
         ValueError: an unknown map kind or dtype, or maps for a reorienting reader/writer.
@@ -324,19 +337,30 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
                                                    checkpoint_name=models.checkpoint)
     nnunet_command = (f"nnUNetv2_predict -i {input_folder} -o {output_folder} -d {dataset} -c {configuration} -f "
                       f"{' '.join(models.folds)} -tr {trainer} -p {plans} -chk {models.checkpoint} --save_probabilities")
-    if predictor.configuration_manager.previous_stage_name is not None:
+    previous = predictor.configuration_manager.previous_stage_name
+    if previous is not None and prev_stage_predictions is None:
         raise PredictionInputError(
-            f"{configuration} is a cascade stage; nnunet-mbls predict supports single-stage configurations (2d, "
-            f"3d_fullres, 3d_lowres). Predict with nnU-Net: {nnunet_command} -prev_stage_predictions FOLDER")
+            f"{configuration} is a cascade stage: pass -prev_stage_predictions FOLDER with the {previous} segmentations "
+            f"of the same images (e.g. nnunet-mbls predict -c {previous} ..., as nnUNetv2_predict takes them)")
+    if previous is None and prev_stage_predictions is not None:
+        raise PredictionInputError(f"-prev_stage_predictions is for cascade stages; {configuration} has no previous stage")
     if predictor.label_manager.has_regions:
         raise PredictionInputError(
             f"{dataset_name} is region-based (one sigmoid per region); the maps and QC of nnunet-mbls predict are for "
             f"softmax models. Predict the (calibrated) region probabilities with nnU-Net: {nnunet_command}")
-    list_of_lists, output_truncated, _ = predictor._manage_input_and_output_lists(
-        str(input_folder), str(output_folder), None, True, 0, 1, False)
+    list_of_lists, output_truncated, previous_stage = predictor._manage_input_and_output_lists(
+        str(input_folder), str(output_folder), None if prev_stage_predictions is None else str(prev_stage_predictions),
+        True, 0, 1, False)
     if not list_of_lists:
         raise PredictionInputError(f"no input images ending in _0000{predictor.dataset_json['file_ending']} in {input_folder}")
     check_input_channels(list_of_lists, predictor.dataset_json, input_folder)
+    if prev_stage_predictions is not None:
+        missing = [f for f in previous_stage if not os.path.isfile(f)]
+        if missing:
+            raise PredictionInputError(f"-prev_stage_predictions {prev_stage_predictions} lacks {len(missing)} case(s) "
+                                       f"({missing[0]} ...): predict them with the {previous} stage first")
+    else:
+        previous_stage = None
     for name, content in (("dataset.json", predictor.dataset_json), ("plans.json", predictor.plans_manager.plans)):
         atomic_write_json(output_folder / name, content)  # as nnUNetv2_predict: evaluate/maps find them here
 
@@ -345,7 +369,7 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     writer = MapWriter(output_folder / "maps", maps_dtype)
     ending = predictor.dataset_json["file_ending"]
     rows = {}
-    cases = _preprocessed_cases(predictor, list_of_lists, output_truncated, num_processes_preprocessing)
+    cases = _preprocessed_cases(predictor, list_of_lists, output_truncated, num_processes_preprocessing, previous_stage)
     for item in tqdm(cases, total=len(list_of_lists), desc=f"predict ({len(models.folds)} fold(s))", unit="case"):
         case = os.path.basename(item["ofile"])
         properties = item["data_properties"]
@@ -373,7 +397,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     settings = {"command": "predict", "model": str(model_folder), "folds": models.folds, "checkpoint": models.checkpoint,
                 "calibration": models.calibration, "temperatures_applied_to_logits": models.temperatures,
                 "tta": not disable_tta, "step_size": step_size, "maps": list(maps), "maps_dtype": maps_dtype,
-                "boundary_width": boundary_width, **(conformal.settings() if conformal is not None else {})}
+                "boundary_width": boundary_width, "prev_stage_predictions": str(prev_stage_predictions or "") or None,
+                **(conformal.settings() if conformal is not None else {})}
     return write_qc_table(rows, rule, output_folder, settings)
 
 

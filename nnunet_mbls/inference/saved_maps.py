@@ -14,6 +14,8 @@ from .maps import MapWriter, check_map_request, write_case_maps
 from .predict import PredictionInputError
 from .conformal_outputs import ConformalOutputs, pick_flag_rule
 from .qc import DEFAULT_BOUNDARY_WIDTH, FlagRule, case_scores, write_qc_table
+from .region_maps import (binary_entropy_sum, calibrated, check_region_probabilities, check_region_request,
+                          region_channel_names, region_scores, region_temperatures)
 from .uncertainty import entropy
 
 
@@ -65,11 +67,19 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
         raise PredictionInputError(f"-i {input_folder} is not a folder; pass a nnUNetv2_predict --save_probabilities output")
     refuse_outputs_over_inputs({"-o": output_folder}, {"--calibration-json": calibration_json or [],
                                                        "--conformal-json": conformal_json or []}, {"-i": input_folder})
-    temperature = temperature_from_options(temperature, calibration_json)
     dataset_json_file = input_folder / "dataset.json"
     if not dataset_json_file.is_file():
         raise PredictionInputError(f"{dataset_json_file} is missing; nnUNetv2_predict writes it into its output folder")
     dataset_json = read_json_file(dataset_json_file, "-i's dataset.json")
+    regions = region_channel_names(dataset_json)
+    if regions is None:
+        temperature = temperature_from_options(temperature, calibration_json)
+    else:
+        temperatures = region_temperatures(temperature, calibration_json, regions)
+        temperature = None if temperatures is None else temperatures.tolist()
+        check_region_request(maps)
+        if conformal_json is not None:
+            raise PredictionInputError("--conformal-json is for softmax models; this dataset is region-based")
     plans_file = input_folder / "plans.json"
     reader = read_json_file(plans_file, "-i's plans.json").get("image_reader_writer") if plans_file.is_file() else None
     check_map_request(maps, maps_dtype, reader)
@@ -83,7 +93,7 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
                 raise PredictionInputError(f"{needed} is missing: maps need the .pkl and the segmentation that "
                                            f"nnUNetv2_predict writes next to each .npz")
     labels = {k: v for k, v in dataset_json["labels"].items() if k != "ignore"}
-    foreground = {int(v): k for k, v in labels.items() if int(v) != 0}
+    foreground = {int(v): k for k, v in labels.items() if int(v) != 0} if regions is None else {}
     conformal = ConformalOutputs(conformal_json, len(labels)) if conformal_json is not None else None
     rule = pick_flag_rule(flag_rule, conformal, 1)
     if rule.score == "mean_fold_dice":
@@ -98,6 +108,14 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
             template = sitk.ReadImage(str(input_folder / f"{case}{ending}"))
             size = tuple(reversed(template.GetSize()))
             grid = (1,) * (probabilities.ndim - 1 - len(size)) + size  # 2-D images: nnU-Net's (1, y, x)
+            if regions is not None:
+                check_region_probabilities(case, probabilities, len(regions), grid, f"its segmentation {case}{ending}")
+                probabilities = calibrated(probabilities, temperatures)
+                h = binary_entropy_sum(probabilities)
+                write_case_maps(writer, case, probabilities, template, maps, dict(enumerate(regions)), h)
+                segmentation = sitk.GetArrayFromImage(template).reshape(grid)
+                rows[case] = region_scores(segmentation, probabilities, h, properties["spacing"], regions, boundary_width)
+                continue
             check_probabilities(case, probabilities, len(labels), grid, f"its segmentation {case}{ending}")
             if temperature is not None:
                 probabilities = apply_temperature(probabilities, temperature)
@@ -108,7 +126,8 @@ def maps_from_probabilities(input_folder: str | os.PathLike, output_folder: str 
                                      entropy_map=h)
             if conformal is not None:
                 rows[case].update(conformal.write_case(writer, case, probabilities, template, properties["spacing"]))
-        settings = {"command": "maps", "input": str(input_folder), "temperature": temperature, "maps": list(maps),
+        settings = {"command": "maps", "input": str(input_folder), "temperature": temperature,
+                    "regions": regions, "maps": list(maps),
                     "maps_dtype": maps_dtype, "boundary_width": boundary_width,
                     **(conformal.settings() if conformal is not None else {})}
         write_qc_table(rows, rule, staging, settings)

@@ -27,18 +27,34 @@ def test_predict_calibrated_with_a_corrupt_calibrated_checkpoint_names_it(calibr
     assert not out.exists()
 
 
-@pytest.mark.integration
-def test_predict_with_two_channels_for_a_one_channel_model_names_the_case(trained_stock_3d, tmp_path):
-    nn, dataset, fold = trained_stock_3d
+def _predict_stock_model(nn, dataset, tmp_path, channels: tuple[str, ...], *extra: str):
+    """``nnunet-mbls predict`` of the stock test model on one training image copied as ``extra_<channel>`` files:
+    (the finished process, the output folder)."""
     images = tmp_path / "images"
     images.mkdir()
     source = sorted((nn.raw / dataset / "imagesTr").glob("*_0000.nii.gz"))[0]
-    for channel in ("0000", "0001"):
+    for channel in channels:
         (images / f"extra_{channel}.nii.gz").write_bytes(source.read_bytes())
     out = tmp_path / "out"
     proc = subprocess.run([str(BIN / "nnunet-mbls"), "predict", "-i", str(images), "-o", str(out), "-d", "501", "-c",
-                           "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test", "-device", "cpu", "-npp", "0"],
-                          env=nn.env, capture_output=True, text=True)
+                           "3d_fullres", "-f", "0", "-tr", "nnUNetTrainerStock_test", "-device", "cpu", "-npp", "0",
+                           *extra], env=nn.env, capture_output=True, text=True)
+    return proc, out
+
+
+@pytest.mark.integration
+def test_predict_with_two_channels_for_a_one_channel_model_names_the_case(trained_stock_3d, tmp_path):
+    nn, dataset, _ = trained_stock_3d
+    proc, out = _predict_stock_model(nn, dataset, tmp_path, ("0000", "0001"))
     line = one_error_line(proc, "predict")
     assert "case extra has 2 channel file(s)" in line and "expects 1" in line and "extra_0000.nii.gz" in line, line
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_prev_stage_predictions_on_a_single_stage_configuration_is_one_error_line(trained_stock_3d, tmp_path):
+    nn, dataset, _ = trained_stock_3d
+    proc, out = _predict_stock_model(nn, dataset, tmp_path, ("0000",), "-prev_stage_predictions", str(tmp_path))
+    line = one_error_line(proc, "predict")
+    assert "-prev_stage_predictions is for cascade stages; 3d_fullres has no previous stage" in line, line
     assert not out.exists()

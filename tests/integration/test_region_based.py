@@ -107,6 +107,24 @@ def test_calibrated_probabilities_are_sigmoid_of_logit_over_T_and_refusals_name_
     clear = (np.abs(out["checkpoint_final.pth"] - 0.5) > 0.01) & fp16_normal(weight)
     assert ((out["checkpoint_final.pth"] > 0.5) == (out["checkpoint_final_calibrated.pth"] > 0.5))[clear].all()
 
+    # maps of the region model's nnUNetv2_predict output with the per-region temperatures: sigmoid(logit(p) / T_r)
+    with np.errstate(divide="ignore"):
+        logit = np.log(out["checkpoint_final.pth"]) - np.log1p(-out["checkpoint_final.pth"])  # +-inf at 0 and 1
+    calibrated_p = 1 / (1 + np.exp(-logit / T.reshape(-1, 1, 1, 1)))
+    nn.run("nnunet-mbls", "maps", "-i", str(tmp_path / "checkpoint_final.pth"), "-o", str(tmp_path / "maps"),
+           "--calibration-json", str(fold / "calibration.json"))
+    for r, name in enumerate(REGIONS):
+        written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "maps" / "maps" / f"{case}_prob_{name}.nii.gz")))
+        assert np.abs(written - calibrated_p[r]).max() < 1e-5, name
+    rows = json.loads((tmp_path / "maps" / "qc.json").read_text())["cases"][case]
+    spacing = np.prod(sitk.ReadImage(str(image)).GetSpacing()) / 1000
+    for r, name in enumerate(REGIONS):
+        assert rows[f"volume_ml_{name}"] == pytest.approx((calibrated_p[r] > 0.5).sum() * spacing)
+    q = np.clip(calibrated_p, 1e-12, 1 - 1e-12)
+    h = (-(q * np.log(q) + (1 - q) * np.log(1 - q))).sum(0)
+    segmentation = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "checkpoint_final.pth" / f"{case}.nii.gz")))
+    assert rows["mean_entropy_fg"] == pytest.approx(h[segmentation != 0].mean(), rel=1e-4)
+
     refused = nn.run("nnunet-mbls", "predict", "-i", str(inputs), "-o", str(tmp_path / "ours"), "-d", "507", "-c",
                      "3d_fullres", "-f", "0", "-tr", TRAINER, "--calibrated", "-device", "cpu", check=False)
     assert refused.returncode == 1 and "region-based" in refused.stderr and "nnUNetv2_predict" in refused.stderr

@@ -160,14 +160,15 @@ def label_histograms(probabilities: np.ndarray, reference: np.ndarray, labels: S
 
 def dice_per_label(segmentation: np.ndarray, reference: np.ndarray, labels: Sequence[int],
                    ignore_label: int | None = None) -> np.ndarray:
-    """(L,) Dice 2TP/(2TP+FP+FN) per label (ignore voxels left out); NaN where both are empty."""
-    keep = np.ones(reference.shape, bool) if ignore_label is None else reference != ignore_label
+    """(L,) Dice per label with nnU-Net's own tp/fp/fn counting (ignore voxels left out); NaN where both are empty."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
+
+    ignore = None if ignore_label is None else reference == ignore_label
     dice = np.full(len(labels), np.nan)
     for i, label in enumerate(labels):
-        s, r = (segmentation == label) & keep, (reference == label) & keep
-        denominator = int(s.sum()) + int(r.sum())
-        if denominator:
-            dice[i] = 2.0 * int((s & r).sum()) / denominator
+        tp, fp, fn, _ = compute_tp_fp_fn_tn(reference == label, segmentation == label, ignore)
+        if tp + fp + fn:
+            dice[i] = 2.0 * tp / (2 * tp + fp + fn)
     return dice
 
 
