@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The calibration step on both cascade stages (3d_lowres -> 3d_cascade_fullres), on a generated dataset for which
-# nnU-Net 2.8.1 plans the cascade: too slow for the test suite on 2 CPU cores (~15 min), run by hand:
+# nnU-Net 2.8.1 plans the cascade: too slow for the test suite on 2 CPU cores (~20 min), run by hand:
 #   bash benchmarks/cascade_check.sh [WORKDIR]
-# Prints each stage's fitted T and the checkpoint calibration.json names.
+# Prints each stage's fitted T and the checkpoint calibration.json names, compares nnunet-mbls predict --calibrated
+# --maps on the cascade with nnUNetv2_predict, fits conformal rules on the cascade stage and shows the
+# --calibration-set refusal.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-$(mktemp -d)}
@@ -49,3 +51,9 @@ diff = max(np.abs(seg(f"{work}/cascade_ours/maps/case_0000_prob_{n}.nii.gz") - p
            for k, n in ((1, "outer"), (2, "inner"), (3, "adjacent")))
 print(f"cascade predict --calibrated --maps vs nnUNetv2_predict: segmentation agreement {same:.6f}, max |dp| {diff:.2e}")
 PY
+# conformal rules on the cascade's out-of-fold cases (after its temperature); --calibration-set is refused there
+nnunet-mbls conformal -d 508 -c 3d_cascade_fullres -f 0 -tr $T --alpha 0.5 -device cpu -o "$WORK/conformal_cascade.json" \
+  2> /dev/null | grep -v "it/s" | tail -5
+mkdir -p "$WORK/labels" && ln -sf "$nnUNet_raw"/Dataset508_*/labelsTr/case_0000.nii.gz "$WORK/labels/"
+nnunet-mbls calibrate -d 508 -c 3d_cascade_fullres -f 0 -tr $T --calibration-set "$WORK/in" "$WORK/labels" -device cpu \
+  2>&1 | tail -1 || true

@@ -162,7 +162,7 @@ def _calibration_set_curves(model_folder: Path, folds, calibration_set, dataset_
                             device, step_size, disable_tta) -> list[CaseCurves]:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    from ..calibration.folds.ensemble import calibration_set_cases
+    from ..calibration.folds.ensemble import calibration_set_cases, refuse_cascade_stage
 
     images, labels = Path(calibration_set[0]), Path(calibration_set[1])
     for name, folder in (("IMAGES", images), ("LABELS", labels)):
@@ -176,6 +176,7 @@ def _calibration_set_curves(model_folder: Path, folds, calibration_set, dataset_
                                     verbose_preprocessing=False, allow_tqdm=True)
         predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                        CHECKPOINT_FINAL)
+        refuse_cascade_stage(predictor, model_folder.name.split("__")[-1], "conformal")
         job = CurvesExport(CurvesSettings(num_classes, ignore, temperature), str(labels), str(Path(tmp) / "curves"),
                            "calibration set")
         with streaming_validation_export(job, PREDICTOR_MODULE):

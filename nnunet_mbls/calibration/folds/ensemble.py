@@ -150,6 +150,7 @@ def calibrate_on_calibration_set(
                                     verbose_preprocessing=False, allow_tqdm=progress)
         predictor.initialize_from_trained_model_folder(str(model_folder), [f if f == "all" else int(f) for f in folds],
                                                        CHECKPOINT_FINAL)
+        refuse_cascade_stage(predictor, configuration, "calibrate")
         job = StatisticsExport(settings, str(labels), str(Path(tmp) / "statistics"), "calibration set")
         with streaming_validation_export(job, PREDICTOR_MODULE):
             predictor.predict_from_files_sequential(str(images), str(tmp), save_probabilities=False, overwrite=True)
@@ -162,6 +163,20 @@ def calibrate_on_calibration_set(
             f"the {fit.before['num_cases']} cases of the calibration set {images}", log, statistics=statistics,
             fit_data={"calibration_set": {"images": str(images.resolve()), "labels": str(labels.resolve()),
                                           "tta": not disable_tta, "step_size": step_size}})
+
+
+def refuse_cascade_stage(predictor, configuration: str, command: str) -> None:
+    """``--calibration-set`` predicts with nnU-Net's predictor, which needs the previous stage's segmentations for a
+    cascade stage: refused, naming the out-of-fold route that works there.
+
+    Raises:
+        CalibrationStepError: ``configuration`` is a cascade stage.
+    """
+    previous = predictor.configuration_manager.previous_stage_name
+    if previous is not None:
+        raise CalibrationStepError(
+            f"{configuration} is a cascade stage (after {previous}): --calibration-set is not supported there; use the "
+            f"folds' out-of-fold validation cases (nnunet-mbls {command} without --calibration-set)")
 
 
 def calibration_set_cases(images: Path, labels: Path, ending: str) -> list[str]:
