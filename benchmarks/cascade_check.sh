@@ -57,3 +57,5 @@ nnunet-mbls conformal -d 508 -c 3d_cascade_fullres -f 0 -tr $T --alpha 0.5 -devi
 mkdir -p "$WORK/labels" && ln -sf "$nnUNet_raw"/Dataset508_*/labelsTr/case_0000.nii.gz "$WORK/labels/"
 nnunet-mbls calibrate -d 508 -c 3d_cascade_fullres -f 0 -tr $T --calibration-set "$WORK/in" "$WORK/labels" -device cpu \
   2>&1 | tail -1 || true
+# the benchmark table of the cascade stage
+nnunet-mbls benchmark -d 508 -c 3d_cascade_fullres -f 0 -tr $T --baseline $T --collect -o "$WORK/bench" | sed -n '/As trained/,/^$/p;/As trained/,+4p' | head -6
