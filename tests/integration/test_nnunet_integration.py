@@ -89,6 +89,27 @@ def test_2d_configuration_with_mbls_dice(tmp_path_factory):
     nn.run("nnUNetv2_predict", "-i", str(nn.raw / folder.name / "imagesTr"), "-o", str(out), "-d", "502", "-c", "2d",
            "-f", "0", "-tr", "nnUNetTrainerMbLSDice_test", "-device", "cpu", "-npp", "0", "-nps", "0")
     assert len(list(out.glob("*.nii.gz"))) == 8
+    assert_conformal_curves_count_every_voxel(nn, folder.name, "2d", "502", "nnUNetTrainerMbLSDice_test", None)
+
+
+def assert_conformal_curves_count_every_voxel(nn, dataset: str, configuration: str, dataset_id: str, trainer: str,
+                                              ignore: int | None) -> None:
+    """``nnunet-mbls conformal`` on the fold's out-of-fold cases: each case's histograms count every voxel of the image
+    (nnU-Net's crop box and outside it) but the ignored ones, and each label's reference voxels, as the label file."""
+    from nnunet_mbls.calibration.conformal.curves import CaseCurves
+
+    nn.run("nnunet-mbls", "conformal", "-d", dataset_id, "-c", configuration, "-f", "0", "-tr", trainer, "--as-trained",
+           "-device", "cpu", "--alpha", "0.5", "--no-acceptance")
+    fold = nn.fold_folder(dataset, trainer, configuration)
+    record = json.loads((fold.parent / "conformal.json").read_text())
+    files = sorted((fold / "conformal_curves").glob("*.npz"))
+    assert [f.stem for f in files] == record["cases"] and len(files) >= 1
+    for file in files:
+        curves = CaseCurves.load(file)
+        gt = read_labels(nn.preprocessed / dataset / "gt_segmentations" / f"{file.stem}.nii.gz")
+        counted = gt != ignore if ignore is not None else np.ones(gt.shape, bool)
+        assert (curves.counts.sum(axis=1) == counted.sum()).all()
+        assert curves.reference_counts.sum(axis=1).tolist() == [int((gt == label).sum()) for label in curves.labels]
 
 
 def test_dataset_with_ignore_label_trains_and_ignored_voxels_are_not_scored(tmp_path_factory):
@@ -106,6 +127,7 @@ def test_dataset_with_ignore_label_trains_and_ignored_voxels_are_not_scored(tmp_
         gt = read_labels(nn.preprocessed / folder.name / "gt_segmentations" / f"{case}.nii.gz")
         assert (gt == 4).any(), "the test needs ignored voxels in the validation cases"
         assert metrics["n_voxels"] == int(((gt != 0) & (gt != 4)).sum())
+    assert_conformal_curves_count_every_voxel(nn, folder.name, "3d_fullres", "503", "nnUNetTrainerCE_test", 4)
 
 
 def test_region_based_dataset_is_refused_by_a_loss_without_sigmoid_form(nnunet_3d, monkeypatch):
