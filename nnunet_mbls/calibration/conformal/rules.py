@@ -116,7 +116,7 @@ def fit_rules(curves: Sequence[CaseCurves], label_names: Mapping[int, str], risk
         source: where the cases came from (folders, folds, temperature), for the record.
 
     Returns:
-        The record (see :func:`write`'s consumers :func:`masks_of` and :func:`volume_intervals`).
+        The record, as ``conformal.json`` holds it (applied by :func:`masks_of` and :func:`volume_intervals`).
     """
     alpha = check_alpha(alpha)
     unknown = [r for r in risks if r not in RISKS]
