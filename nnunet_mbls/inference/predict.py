@@ -177,13 +177,16 @@ def check_input_channels(list_of_lists: list[list[str]], dataset_json: dict, inp
                 f"({', '.join(f'_{int(k):04d} {v}' for k, v in channels.items())}); pass exactly {', '.join(expected)}")
 
 
-def check_folders(input_folder: Path, output_folder: Path, model_files: Sequence[Path] = ()) -> None:
-    """Check that ``input_folder`` exists and the outputs stay clear of it and of ``model_files``.
+def check_folders(input_folder: Path, output_folder: Path, model_files: Sequence[Path] = (),
+                  previous_stage: Path | None = None) -> None:
+    """Check that ``input_folder`` exists and the outputs stay clear of it, of ``model_files`` and of
+    ``previous_stage``.
 
     Args:
         input_folder: ``-i``.
         output_folder: ``-o``; with its ``dataset.json`` and ``plans.json``, which predict writes.
         model_files: the model's files that are read (e.g. its dataset.json and plans.json).
+        previous_stage: ``-prev_stage_predictions``, whose segmentations a cascade stage reads.
 
     Raises:
         PredictionInputError: ``input_folder`` is not a folder, or an output is an input file or lies in
@@ -194,7 +197,8 @@ def check_folders(input_folder: Path, output_folder: Path, model_files: Sequence
     try:
         refuse_outputs_over_inputs({"-o": output_folder, "-o (dataset.json)": output_folder / "dataset.json",
                                     "-o (plans.json)": output_folder / "plans.json"},
-                                   {"the model": list(model_files)}, {"-i": input_folder})
+                                   {"the model": list(model_files)},
+                                   {"-i": input_folder, **({"-prev_stage_predictions": previous_stage} if previous_stage else {})})
     except ValueError as e:
         raise PredictionInputError(str(e)) from e
 
@@ -315,7 +319,8 @@ def predict(input_folder: str | os.PathLike, output_folder: str | os.PathLike, d
     dataset_name = maybe_convert_to_dataset_name(str(dataset) if str(dataset).startswith("Dataset") else int(dataset))
     model_folder = Path(get_output_folder(dataset_name, trainer, plans, configuration))
     check_folders(input_folder, output_folder, [model_folder / "dataset.json", model_folder / "plans.json",
-                                                *([Path(conformal_json)] if conformal_json is not None else [])])
+                                                *([Path(conformal_json)] if conformal_json is not None else [])],
+                  Path(prev_stage_predictions) if prev_stage_predictions is not None else None)
     if not model_folder.is_dir():
         raise PredictionInputError(f"no trained model in {model_folder}; check -d/-c/-tr/-p or train first")
     models = resolve_folds(model_folder, folds, checkpoint, calibrated, dataset_name, configuration, trainer, plans)

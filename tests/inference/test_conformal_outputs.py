@@ -63,3 +63,4 @@ def test_no_certified_threshold_flags_every_case_and_bad_files_name_the_fix(tmp_
         ConformalOutputs(tmp_path / "other.json", num_classes=2)
     with pytest.raises(ConformalError, match="does not exist; write it with nnunet-mbls conformal"):
         ConformalOutputs(tmp_path / "missing.json", num_classes=2)
+

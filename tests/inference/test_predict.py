@@ -231,3 +231,15 @@ def _csv(path: Path) -> list[dict]:
 
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_predict_refuses_to_write_into_the_previous_stage_predictions(tmp_path):
+    """The cascade's low-res segmentations (-prev_stage_predictions) are an input: -o may not overwrite them."""
+    from nnunet_mbls.inference.predict import PredictionInputError, check_folders
+
+    images, lowres = tmp_path / "images", tmp_path / "lowres"
+    images.mkdir()
+    lowres.mkdir()
+    with pytest.raises(PredictionInputError, match="-prev_stage_predictions"):
+        check_folders(images, lowres, [], lowres)
+    check_folders(images, tmp_path / "out", [], lowres)  # a separate output folder is fine
