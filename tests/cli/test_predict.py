@@ -54,7 +54,9 @@ def test_predict_with_two_channels_for_a_one_channel_model_names_the_case(traine
 @pytest.mark.integration
 def test_prev_stage_predictions_on_a_single_stage_configuration_is_one_error_line(trained_stock_3d, tmp_path):
     nn, dataset, _ = trained_stock_3d
-    proc, out = _predict_stock_model(nn, dataset, tmp_path, ("0000",), "-prev_stage_predictions", str(tmp_path))
+    lowres = tmp_path / "lowres"
+    lowres.mkdir()
+    proc, out = _predict_stock_model(nn, dataset, tmp_path, ("0000",), "-prev_stage_predictions", str(lowres))
     line = one_error_line(proc, "predict")
     assert "-prev_stage_predictions is for cascade stages; 3d_fullres has no previous stage" in line, line
     assert not out.exists()
